@@ -1,0 +1,174 @@
+// CPU kernels of maskformer_fast::lsa and maskformer_fast::lsa_duals: batch items in
+// parallel with at::parallel_for, one sequential team per item.
+//
+// Each item is copied once, oriented so that rows <= cols (transposed when
+// m < n, as scipy does), converted to float64 and negated for maximisation,
+// into a buffer allocated once per chunk of items.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+#include "teams_cpu.h"
+
+namespace maskformer_fast {
+namespace {
+
+using at::Tensor;
+
+struct Item {
+  int64_t n, m;    // as given
+  bool transpose;  // solve the m x n problem
+  int32_t rows() const { return int32_t(transpose ? m : n); }
+  int32_t cols() const { return int32_t(transpose ? n : m); }
+};
+
+struct DenseCost {
+  const double* data;
+  int32_t ld;
+  double operator()(int32_t i, int32_t j) const { return data[int64_t(i) * ld + j]; }
+};
+
+// Per-chunk scratch, grown to the largest item once.
+struct Scratch {
+  std::vector<double> cost, u, v, spc;
+  std::vector<int32_t> col4row, row4col, path, remaining;
+
+  lsa::Workspace workspace(int64_t n, int64_t m) {
+    u.resize(n), col4row.resize(n);
+    v.resize(m), spc.resize(m), row4col.resize(m), path.resize(m), remaining.resize(m);
+    return {u.data(), v.data(), spc.data(), col4row.data(), row4col.data(), path.data(),
+            remaining.data()};
+  }
+};
+
+template <typename scalar_t>
+void load_oriented(const scalar_t* item, int64_t s_row, int64_t s_col, const Item& it,
+                   bool maximize, double* out) {
+  const double sign = maximize ? -1.0 : 1.0;
+  const int64_t ld = it.cols();
+  for (int64_t r = 0; r < it.n; ++r) {
+    const scalar_t* src = item + r * s_row;
+    if (it.transpose) {
+      for (int64_t c = 0; c < it.m; ++c) out[c * ld + r] = sign * static_cast<double>(src[c * s_col]);
+    } else {
+      for (int64_t c = 0; c < it.m; ++c) out[r * ld + c] = sign * static_cast<double>(src[c * s_col]);
+    }
+  }
+}
+
+std::vector<Item> read_items(const Tensor& cost, const std::optional<Tensor>& sizes) {
+  TORCH_CHECK_VALUE(cost.dim() == 3, "lsa: expected a [B, N, M] cost tensor, got ", cost.dim(),
+                    " dimensions");
+  const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
+  TORCH_CHECK_VALUE(N < std::numeric_limits<int32_t>::max() && M < std::numeric_limits<int32_t>::max(),
+                    "lsa: each side of a problem must be below 2**31, got ", N, " x ", M);
+  std::vector<Item> items(B);
+  if (!sizes.has_value()) {
+    for (auto& it : items) it = Item{N, M, M < N};
+    return items;
+  }
+  const Tensor& s = *sizes;
+  TORCH_CHECK_VALUE(s.dim() == 2 && s.size(0) == B && s.size(1) == 2,
+                    "lsa: sizes must have shape [B, 2] = [", B, ", 2], got ", s.sizes());
+  TORCH_CHECK_TYPE(s.scalar_type() == at::kLong, "lsa: sizes must be int64, got ", s.scalar_type());
+  TORCH_CHECK_VALUE(s.device().is_cpu(), "lsa: sizes must be on the CPU for a CPU cost");
+  const auto acc = s.accessor<int64_t, 2>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = acc[b][0], m = acc[b][1];
+    TORCH_CHECK_VALUE(0 <= n && n <= N && 0 <= m && m <= M, "lsa: sizes[", b, "] = (", n, ", ", m,
+                      ") is outside the padded problem [", N, ", ", M, "]");
+    items[b] = Item{n, m, m < n};
+  }
+  return items;
+}
+
+// Solves every item; fills col4row [B, N] (-1 where unmatched), status [B], and,
+// when `u_out` is defined, the duals u [B, N] and v [B, M] in the caller's orientation.
+void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximize, int64_t lanes,
+                 Tensor& col4row, Tensor& status, Tensor* u_out, Tensor* v_out) {
+  const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
+  int64_t* c4r = col4row.data_ptr<int64_t>();
+  int32_t* st = status.data_ptr<int32_t>();
+  double* uo = u_out ? u_out->data_ptr<double>() : nullptr;
+  double* vo = v_out ? v_out->data_ptr<double>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, N * M));
+
+  AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, cost.scalar_type(), "lsa_cpu", [&] {
+    const scalar_t* base = cost.const_data_ptr<scalar_t>();
+    const int64_t s0 = cost.stride(0), s1 = cost.stride(1), s2 = cost.stride(2);
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+      Scratch scratch;
+      for (int64_t b = begin; b < end; ++b) {
+        const Item& it = items[b];
+        const int32_t n = it.rows(), m = it.cols();
+        scratch.cost.resize(int64_t(n) * m);
+        load_oriented(base + b * s0, s1, s2, it, maximize, scratch.cost.data());
+        const lsa::Workspace w = scratch.workspace(n, m);
+        const DenseCost view{scratch.cost.data(), m};
+        int32_t result;
+        if (lanes <= 1) {
+          lsa::SequentialTeam team;
+          result = lsa::solve(team, view, n, m, w);
+        } else {
+          lsa::SimulatedTeam team(int(lanes));
+          result = lsa::solve(team, view, n, m, w);
+        }
+        st[b] = result;
+        int64_t* out = c4r + b * N;
+        if (result == lsa::kOk) {
+          if (!it.transpose) {
+            for (int32_t i = 0; i < n; ++i) out[i] = w.col4row[i];
+          } else {
+            for (int32_t i = 0; i < n; ++i) out[w.col4row[i]] = i;
+          }
+        }
+        if (uo && result == lsa::kOk) {
+          const double* ur = it.transpose ? w.v : w.u;
+          const double* vc = it.transpose ? w.u : w.v;
+          for (int64_t r = 0; r < it.n; ++r) uo[b * N + r] = ur[r];
+          for (int64_t c = 0; c < it.m; ++c) vo[b * M + c] = vc[c];
+        }
+      }
+    });
+  });
+}
+
+std::tuple<Tensor, Tensor> lsa_cpu(const Tensor& cost, const std::optional<Tensor>& sizes,
+                                   bool maximize) {
+  const auto items = read_items(cost, sizes);
+  auto col4row = at::full({cost.size(0), cost.size(1)}, -1, cost.options().dtype(at::kLong));
+  auto status = at::empty({cost.size(0)}, cost.options().dtype(at::kInt));
+  solve_batch(cost, items, maximize, 1, col4row, status, nullptr, nullptr);
+  return {col4row, status};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lsa_duals_cpu(const Tensor& cost,
+                                                         const std::optional<Tensor>& sizes,
+                                                         bool maximize, int64_t lanes) {
+  TORCH_CHECK_VALUE(lanes == 1 || (lanes >= 2 && lanes <= 1024 && (lanes & (lanes - 1)) == 0),
+                    "lsa_duals: lanes must be 1 (sequential) or a power of two up to 1024, got ",
+                    lanes);
+  const auto items = read_items(cost, sizes);
+  auto opts = cost.options();
+  auto col4row = at::full({cost.size(0), cost.size(1)}, -1, opts.dtype(at::kLong));
+  auto status = at::empty({cost.size(0)}, opts.dtype(at::kInt));
+  auto u = at::full({cost.size(0), cost.size(1)}, 0.0, opts.dtype(at::kDouble));
+  auto v = at::full({cost.size(0), cost.size(2)}, 0.0, opts.dtype(at::kDouble));
+  solve_batch(cost, items, maximize, lanes, col4row, status, &u, &v);
+  return {col4row, status, u, v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(maskformer_fast, CPU, m) {
+  m.impl("lsa", &lsa_cpu);
+  m.impl("lsa_duals", &lsa_duals_cpu);
+}
+
+}  // namespace maskformer_fast

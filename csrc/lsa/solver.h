@@ -1,0 +1,149 @@
+// The rectangular linear sum assignment solver, written once for every "team".
+//
+// Algorithm: the shortest augmenting path method of
+//   D. F. Crouse, "On implementing 2D rectangular assignment algorithms",
+//   IEEE Transactions on Aerospace and Electronic Systems 52(4), 2016, pp. 1679-1696,
+// in the form scipy >= 1.9 uses (scipy/optimize/rectangular_lsap), so that the
+// matching is index-identical to scipy.optimize.linear_sum_assignment, ties
+// included. The details that decide ties are kept exactly:
+//   * reduced costs ((minVal + c[i][j]) - u[i]) - v[j], in float64, in that order;
+//   * the scan list of free columns starts reversed (remaining[k] = m-1-k) and a
+//     picked column is swap-removed;
+//   * among the columns at the minimum, the last unmatched one in scan order wins,
+//     else the first one in scan order.
+//
+// A team is the group of lanes that solves one problem together: one thread on
+// the CPU, a warp or a block on the GPU. The body below only uses
+//   size, leader(), sync(), for_each(n, f), any(rows, cols, pred), argmin(n, key_of)
+// where argmin all-reduces a Key. The Key's tie rank is unique per column, so the
+// keys are strictly totally ordered and every reduction order (a sequential scan,
+// a warp butterfly, a block of warps) returns the same column. Every lane runs
+// the scalar code redundantly; only the leader writes shared state, between syncs.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define LSA_HD __host__ __device__ __forceinline__
+#else
+#define LSA_HD inline
+#endif
+
+namespace lsa {
+
+constexpr double kInf = __builtin_huge_val();
+
+enum Status : int32_t { kOk = 0, kInfeasible = 1, kInvalid = 2 };
+
+// One candidate column of a Dijkstra step. Smaller is better.
+struct Key {
+  double value;  // shortest path cost to the column
+  int32_t tie;   // unique per column: unmatched columns first, latest scan position first;
+                 // then matched columns, earliest scan position first
+  int32_t col;
+
+  LSA_HD static Key none() { return Key{kInf, 0x7fffffff, -1}; }
+  LSA_HD bool operator<(const Key& o) const {
+    return value < o.value || (value == o.value && tie < o.tie);
+  }
+};
+
+LSA_HD Key min_key(const Key& a, const Key& b) { return b < a ? b : a; }
+
+// The tie rank of the column at scan position `it` of a problem with `m` columns.
+LSA_HD int32_t tie_rank(int32_t it, bool unmatched, int32_t m) {
+  return unmatched ? m - 1 - it : m + it;
+}
+LSA_HD int32_t scan_position(int32_t tie, int32_t m) { return tie < m ? m - 1 - tie : tie - m; }
+
+// Per-problem state: u[n], col4row[n]; v[m], spc[m], path[m], row4col[m], remaining[m].
+struct Workspace {
+  double* u;
+  double* v;
+  double* spc;  // shortest path cost to each column in the current Dijkstra
+  int32_t* col4row;
+  int32_t* row4col;
+  int32_t* path;       // the row each column was reached from
+  int32_t* remaining;  // [0, nrem): columns not yet scanned; [nrem, m): scanned ones
+};
+
+// Solves min sum c(i, col4row[i]) for an n x m problem with n <= m, `cost(i, j)`
+// returning the entry as a double (already negated for maximisation).
+// Returns kOk with w.col4row, w.u, w.v filled; kInvalid if an entry is NaN or -inf;
+// kInfeasible if no matching of finite cost exists.
+template <class Team, class Cost>
+LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspace w) {
+  if (team.any(n, m, [&](int32_t i, int32_t j) {
+        const double c = cost(i, j);
+        return c != c || c == -kInf;
+      })) {
+    return kInvalid;
+  }
+  team.for_each(n, [&](int32_t i) { w.u[i] = 0.0; w.col4row[i] = -1; });
+  team.for_each(m, [&](int32_t j) { w.v[j] = 0.0; w.row4col[j] = -1; });
+  team.sync();
+
+  for (int32_t cur = 0; cur < n; ++cur) {
+    // Dijkstra from row `cur` over the columns, until it reaches a free column.
+    team.for_each(m, [&](int32_t k) { w.remaining[k] = m - 1 - k; w.spc[k] = kInf; });
+    team.sync();
+    double min_val = 0.0;
+    int32_t i = cur, nrem = m, sink = -1;
+    while (sink < 0) {
+      const double ui = w.u[i];
+      const Key best = team.argmin(nrem, [&](int32_t it) {
+        const int32_t j = w.remaining[it];
+        const double r = ((min_val + cost(i, j)) - ui) - w.v[j];
+        if (r < w.spc[j]) {
+          w.path[j] = i;
+          w.spc[j] = r;
+        }
+        return Key{w.spc[j], tie_rank(it, w.row4col[j] < 0, m), j};
+      });
+      min_val = best.value;
+      if (min_val == kInf) return kInfeasible;
+      const int32_t j = best.col;
+      if (w.row4col[j] < 0) {
+        sink = j;
+      } else {
+        i = w.row4col[j];
+      }
+      // Move the scanned column to the tail: [nrem, m) lists the scanned columns.
+      if (team.leader()) {
+        const int32_t pos = scan_position(best.tie, m);
+        w.remaining[pos] = w.remaining[nrem - 1];
+        w.remaining[nrem - 1] = j;
+      }
+      --nrem;
+      team.sync();
+    }
+
+    // Dual update. The rows visited are `cur` and the rows matched to the scanned
+    // columns other than the sink; each is reached through its matched column.
+    if (team.leader()) w.u[cur] += min_val;
+    team.for_each(m - nrem, [&](int32_t k) {
+      const int32_t j = w.remaining[nrem + k];
+      const double d = min_val - w.spc[j];
+      if (j != sink) w.u[w.row4col[j]] += d;
+      w.v[j] -= d;
+    });
+    team.sync();
+
+    // Augment along the path back from the sink.
+    if (team.leader()) {
+      int32_t j = sink;
+      while (true) {
+        const int32_t r = w.path[j];
+        w.row4col[j] = r;
+        const int32_t prev = w.col4row[r];
+        w.col4row[r] = j;
+        j = prev;
+        if (r == cur) break;
+      }
+    }
+    team.sync();
+  }
+  return kOk;
+}
+
+}  // namespace lsa

@@ -1,0 +1,27 @@
+// Every op of maskformer_fast._C is declared here; kernels register themselves
+// with TORCH_LIBRARY_IMPL beside their sources (csrc/lsa/lsa_cpu.cpp, lsa_cuda.cu).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// An empty Python module: importing maskformer_fast._C loads the library and so
+// runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(maskformer_fast, m) {
+  // Batched rectangular linear sum assignment, index-identical to scipy per item.
+  // cost [B, N, M] (any real dtype, any strides); sizes [B, 2] int64 or None: item b
+  // is cost[b, :sizes[b, 0], :sizes[b, 1]]. Returns col4row [B, N] int64 (-1 where a
+  // row is unmatched or padding) and status [B] int32 (0 ok, 1 infeasible, 2 invalid).
+  m.def("lsa(Tensor cost, Tensor? sizes, bool maximize) -> (Tensor col4row, Tensor status)");
+  // The same, also returning the optimal duals u [B, N], v [B, M] (float64) of the
+  // minimisation (of -cost when maximize), with `lanes` = 1 for the production team or
+  // a power of two up to 1024 for a simulated multi-lane team. For tests and diagnostics.
+  m.def(
+      "lsa_duals(Tensor cost, Tensor? sizes, bool maximize, int lanes) -> "
+      "(Tensor col4row, Tensor status, Tensor u, Tensor v)");
+}
