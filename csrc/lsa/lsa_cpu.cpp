@@ -116,7 +116,7 @@ void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximi
           lsa::SequentialTeam team;
           result = lsa::solve(team, view, n, m, w);
         } else {
-          lsa::SimulatedTeam team(int(lanes));
+          lsa::SimulatedTeam team{int(lanes)};
           result = lsa::solve(team, view, n, m, w);
         }
         st[b] = result;

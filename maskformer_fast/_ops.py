@@ -1,0 +1,116 @@
+"""Loads the compiled ops (maskformer_fast._C), registers their fake kernels, chooses a
+backend and provides the scipy fallback used when the extension is not built."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.optimize
+import torch
+
+try:
+    from maskformer_fast import _C  # noqa: F401  (registers torch.ops.maskformer_fast.*)
+
+    _LOAD_ERROR: Exception | None = None
+except ImportError as exc:  # not built: the scipy fallback still works
+    _LOAD_ERROR = exc
+
+STATUS_OK, STATUS_INFEASIBLE, STATUS_INVALID = 0, 1, 2
+STATUS_MESSAGES = {
+    STATUS_INFEASIBLE: "cost matrix is infeasible",
+    STATUS_INVALID: "matrix contains invalid numeric entries",
+}
+BACKENDS = ("auto", "cpu", "cuda", "scipy")
+
+if _LOAD_ERROR is None:
+
+    @torch.library.register_fake("maskformer_fast::lsa")
+    def _lsa_fake(cost, sizes, maximize):
+        batch, rows = cost.shape[0], cost.shape[1]
+        return cost.new_empty((batch, rows), dtype=torch.int64), cost.new_empty(
+            (batch,), dtype=torch.int32
+        )
+
+    @torch.library.register_fake("maskformer_fast::lsa_duals")
+    def _lsa_duals_fake(cost, sizes, maximize, lanes):
+        batch, rows, cols = cost.shape
+        return (
+            cost.new_empty((batch, rows), dtype=torch.int64),
+            cost.new_empty((batch,), dtype=torch.int32),
+            cost.new_empty((batch, rows), dtype=torch.float64),
+            cost.new_empty((batch, cols), dtype=torch.float64),
+        )
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether the built extension has a kernel of the lsa op for `device_type`."""
+    if _LOAD_ERROR is not None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return torch._C._dispatch_has_kernel_for_dispatch_key("maskformer_fast::lsa", key)
+
+
+_warned_fallback = False
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Maps `backend` to "cpu", "cuda" or "scipy" for a cost on `device`."""
+    global _warned_fallback
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "scipy":
+        return backend
+    if backend in ("cpu", "cuda"):
+        if device.type != backend:
+            raise ValueError(
+                f"backend={backend!r} needs a cost tensor on {backend}, got one on {device}"
+            )
+        if not has_kernel(backend):
+            why = f" ({_LOAD_ERROR})" if _LOAD_ERROR is not None else ""
+            raise RuntimeError(
+                f"backend={backend!r}: maskformer_fast._C has no {backend} kernel{why}; "
+                "build it with `pip install -e . --no-build-isolation`"
+            )
+        return backend
+    if device.type in ("cpu", "cuda") and has_kernel(device.type):
+        return device.type
+    if not _warned_fallback:
+        _warned_fallback = True
+        why = f": {_LOAD_ERROR}" if _LOAD_ERROR is not None else ""
+        warnings.warn(
+            f"maskformer_fast: no compiled kernel for {device.type} tensors{why}; "
+            "falling back to scipy (slow, one problem at a time)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "scipy"
+
+
+def lsa(cost: torch.Tensor, sizes: torch.Tensor | None, maximize: bool, backend: str):
+    """Runs the batched op on the chosen backend: (col4row [B, N] int64, status [B] int32)."""
+    if backend != "scipy":
+        return torch.ops.maskformer_fast.lsa(cost, sizes, maximize)
+    return _lsa_scipy(cost, sizes, maximize)
+
+
+def _lsa_scipy(cost: torch.Tensor, sizes: torch.Tensor | None, maximize: bool):
+    batch, rows, cols = cost.shape
+    col4row = np.full((batch, rows), -1, dtype=np.int64)
+    status = np.zeros(batch, dtype=np.int32)
+    host = cost.detach().cpu()
+    if host.dtype in (torch.float16, torch.bfloat16):
+        host = host.double()
+    host = host.numpy()
+    shape = sizes.cpu().numpy() if sizes is not None else np.tile([rows, cols], (batch, 1))
+    for b, (n, m) in enumerate(shape):
+        try:
+            r, c = scipy.optimize.linear_sum_assignment(host[b, :n, :m], maximize=maximize)
+        except ValueError as exc:
+            status[b] = STATUS_INFEASIBLE if "infeasible" in str(exc) else STATUS_INVALID
+            continue
+        col4row[b, r] = c
+    return (
+        torch.from_numpy(col4row).to(cost.device),
+        torch.from_numpy(status).to(cost.device),
+    )

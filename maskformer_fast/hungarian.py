@@ -1,0 +1,179 @@
+"""Exact, batched linear sum assignment: a drop-in for scipy.optimize.linear_sum_assignment.
+
+Every problem is solved with scipy's own algorithm (Crouse's shortest augmenting path,
+float64 arithmetic in the same order), so the returned indices are those scipy returns,
+ties included. One call solves a whole batch, in C++ on the CPU (batch items in
+parallel) or in CUDA on the GPU.
+
+    >>> from maskformer_fast.hungarian import linear_sum_assignment
+    >>> row_ind, col_ind = linear_sum_assignment([[4, 1, 3], [2, 0, 5], [3, 2, 2]])
+    >>> row_ind.tolist(), col_ind.tolist()
+    ([0, 1, 2], [1, 0, 2])
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Union
+
+import numpy as np
+import torch
+
+from maskformer_fast import _ops
+
+ArrayLike = Union[torch.Tensor, np.ndarray, list]
+
+_TORCH_DTYPES = {
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+    torch.float16, torch.bfloat16, torch.float32, torch.float64,
+}  # fmt: skip
+
+
+class BatchAssignment(NamedTuple):
+    """Result of :func:`batch_linear_sum_assignment`.
+
+    col4row: int64 ``[B, N]``, the column matched to each row, -1 for unmatched rows,
+        padding rows and items that failed.
+    status: int32 ``[B]``: 0 solved, 1 infeasible, 2 invalid entries (NaN, -inf, or +inf
+        under ``maximize``).
+    Both are torch tensors on the cost's device, or numpy arrays for a numpy cost.
+    """
+
+    col4row: torch.Tensor | np.ndarray
+    status: torch.Tensor | np.ndarray
+
+    def pairs(self) -> list[tuple]:
+        """Per item, ``(row_ind, col_ind)`` exactly as scipy returns them for that item."""
+        out = []
+        for row in self.col4row:
+            if isinstance(row, np.ndarray):
+                rows = np.flatnonzero(row >= 0)
+            else:
+                rows = torch.nonzero(row >= 0).flatten()
+            out.append((rows, row[rows]))
+        return out
+
+
+def _as_tensor(cost: ArrayLike, ndim: int, what: str) -> tuple[torch.Tensor, bool]:
+    """The cost as a torch tensor (no copy where possible) and whether it came from numpy."""
+    if isinstance(cost, torch.Tensor):
+        if cost.dim() != ndim:
+            raise ValueError(f"expected {what}, got a {cost.dim()} array")
+        if cost.dtype not in _TORCH_DTYPES:
+            if cost.dtype.is_complex or not (cost.dtype.is_floating_point or cost.dtype in (
+                torch.uint16, torch.uint32, torch.uint64
+            )):
+                raise TypeError(f"Cannot cast tensor of dtype {cost.dtype} to float64")
+            cost = cost.double()
+        return cost, False
+    arr = np.asarray(cost)
+    if arr.ndim != ndim:
+        raise ValueError(f"expected {what}, got a {arr.ndim} array")
+    if not np.can_cast(arr.dtype, np.float64, casting="safe"):
+        raise TypeError(
+            f"Cannot cast array data from {arr.dtype!r} to dtype('float64') "
+            "according to the rule 'safe'"
+        )
+    if arr.dtype.kind == "u" and arr.dtype != np.uint8:
+        arr = arr.astype(np.float64)
+    try:
+        return torch.from_numpy(arr), True
+    except ValueError:  # negative strides
+        return torch.from_numpy(np.ascontiguousarray(arr)), True
+
+
+def _as_sizes(sizes, batch: int, rows: int, cols: int) -> torch.Tensor | None:
+    if sizes is None:
+        return None
+    s = sizes if isinstance(sizes, torch.Tensor) else torch.as_tensor(np.asarray(sizes))
+    if s.dtype.is_floating_point or s.dtype.is_complex or s.dtype == torch.bool:
+        raise TypeError(f"sizes must hold integers, got dtype {s.dtype}")
+    if tuple(s.shape) != (batch, 2):
+        raise ValueError(f"sizes must have shape [B, 2] = [{batch}, 2], got {list(s.shape)}")
+    s = s.to(device="cpu", dtype=torch.int64)
+    bad = ((s[:, 0] < 0) | (s[:, 0] > rows) | (s[:, 1] < 0) | (s[:, 1] > cols)).nonzero()
+    if len(bad):
+        b = int(bad[0])
+        n, m = s[b].tolist()
+        raise ValueError(
+            f"sizes[{b}] = ({n}, {m}) is outside the padded problem [{rows}, {cols}] "
+            f"(batch item {b})"
+        )
+    return s
+
+
+def _raise_for_status(status: torch.Tensor, batched: bool) -> None:
+    if not bool(status.any()):
+        return
+    b = int(torch.nonzero(status)[0])
+    message = _ops.STATUS_MESSAGES[int(status[b])]
+    raise ValueError(f"{message} (batch item {b})" if batched else message)
+
+
+def batch_linear_sum_assignment(
+    cost: ArrayLike,
+    sizes: ArrayLike | None = None,
+    *,
+    maximize: bool = False,
+    errors: str = "raise",
+    backend: str = "auto",
+) -> BatchAssignment:
+    """Solves B assignment problems in one call, each exactly as scipy would.
+
+    Args:
+        cost: ``[B, N, M]`` torch tensor or numpy array; bool, integer or floating
+            (float16, bfloat16, float32, float64); any strides (read in place).
+        sizes: optional ``[B, 2]`` integers: item b is ``cost[b, :sizes[b, 0], :sizes[b, 1]]``;
+            entries outside it are never read (NaN padding is fine).
+        maximize: maximise the total instead (costs are negated, so +inf is invalid).
+        errors: ``"raise"`` raises ValueError with scipy's message and the index of the
+            first failing item; ``"status"`` never raises for the content of the costs
+            and reports it in ``status``.
+        backend: ``"auto"`` (the compiled kernel for the cost's device, else scipy with a
+            warning), ``"cpu"``, ``"cuda"`` or ``"scipy"``. Results are identical.
+
+    Returns:
+        BatchAssignment(col4row ``[B, N]`` int64, status ``[B]`` int32); ``.pairs()`` gives
+        scipy's ``(row_ind, col_ind)`` per item.
+    """
+    if errors not in ("raise", "status"):
+        raise ValueError(f"errors must be 'raise' or 'status', got {errors!r}")
+    tensor, from_numpy = _as_tensor(cost, 3, "a batch of matrices (3-D array [B, N, M])")
+    size_t = _as_sizes(sizes, *tensor.shape)
+    which = _ops.resolve_backend(backend, tensor.device)
+    col4row, status = _ops.lsa(tensor, size_t, bool(maximize), which)
+    if errors == "raise":
+        _raise_for_status(status, batched=True)
+    if from_numpy:
+        return BatchAssignment(col4row.numpy(), status.numpy())
+    return BatchAssignment(col4row, status)
+
+
+def linear_sum_assignment(cost: ArrayLike, maximize: bool = False, *, backend: str = "auto"):
+    """Drop-in for ``scipy.optimize.linear_sum_assignment``: same signature, indices and errors.
+
+    Args:
+        cost: ``[N, M]`` matrix: numpy / array-like (numpy int64 results) or torch tensor
+            (torch int64 results on its device); bool, integer or floating; any strides.
+        maximize: maximise the total instead.
+
+    Returns:
+        ``(row_ind, col_ind)``: ``row_ind`` increasing, ``cost[row_ind, col_ind]`` the optimal
+        assignment, of length ``min(N, M)``.
+
+    Raises:
+        ValueError: "matrix contains invalid numeric entries" (NaN, -inf; +inf under
+            maximize), "cost matrix is infeasible", or a cost that is not 2-D.
+        TypeError: a dtype that cannot be cast safely to float64.
+    """
+    tensor, from_numpy = _as_tensor(cost, 2, "a matrix (2-D array)")
+    which = _ops.resolve_backend(backend, tensor.device)
+    col4row, status = _ops.lsa(tensor.unsqueeze(0), None, bool(maximize), which)
+    _raise_for_status(status, batched=False)
+    row = col4row[0]
+    rows = torch.nonzero(row >= 0).flatten()
+    if from_numpy:
+        return rows.numpy(), row[rows].numpy()
+    return rows, row[rows]
+
+
+__all__ = ["BatchAssignment", "batch_linear_sum_assignment", "linear_sum_assignment"]
