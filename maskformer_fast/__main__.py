@@ -1,0 +1,3 @@
+from maskformer_fast.cli import main
+
+main()
