@@ -37,13 +37,14 @@ struct DenseCost {
 // Per-chunk scratch, grown to the largest item once.
 struct Scratch {
   std::vector<double> cost, u, v, spc;
-  std::vector<int32_t> col4row, row4col, path, remaining;
+  std::vector<int32_t> col4row, row4col, path, at, lpos;
+  lsa::SequentialTeam team;
 
   lsa::Workspace workspace(int64_t n, int64_t m) {
     u.resize(n), col4row.resize(n);
-    v.resize(m), spc.resize(m), row4col.resize(m), path.resize(m), remaining.resize(m);
-    return {u.data(), v.data(), spc.data(), col4row.data(), row4col.data(), path.data(),
-            remaining.data()};
+    v.resize(m), spc.resize(m), row4col.resize(m), path.resize(m), at.resize(m), lpos.resize(m);
+      return {u.data(), v.data(), spc.data(), col4row.data(), row4col.data(), path.data(),
+            at.data(), lpos.data()};
   }
 };
 
@@ -113,8 +114,7 @@ void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximi
         const DenseCost view{scratch.cost.data(), m};
         int32_t result;
         if (lanes <= 1) {
-          lsa::SequentialTeam team;
-          result = lsa::solve(team, view, n, m, w);
+          result = lsa::solve(scratch.team, view, n, m, w);
         } else {
           lsa::SimulatedTeam team{int(lanes)};
           result = lsa::solve(team, view, n, m, w);

@@ -14,8 +14,9 @@
 //
 // A team is the group of lanes that solves one problem together: one thread on
 // the CPU, a warp or a block on the GPU. The body below only uses
-//   size, leader(), sync(), for_each(n, f), any(rows, cols, pred), argmin(n, key_of)
-// where argmin all-reduces a Key. The Key's tie rank is unique per column, so the
+//   size, leader(), sync(), for_each(n, f), any(rows, cols, pred), argmin(n, relax, tie)
+// where argmin(n, relax, tie) calls relax(k) once for every k (it may update state and
+// returns the candidate value of k) and all-reduces the Key (value, tie(k), k). The Key's tie rank is unique per column, so the
 // keys are strictly totally ordered and every reduction order (a sequential scan,
 // a warp butterfly, a block of warps) returns the same column. Every lane runs
 // the scalar code redundantly; only the leader writes shared state, between syncs.
@@ -54,23 +55,29 @@ LSA_HD Key min_key(const Key& a, const Key& b) { return b < a ? b : a; }
 LSA_HD int32_t tie_rank(int32_t it, bool unmatched, int32_t m) {
   return unmatched ? m - 1 - it : m + it;
 }
-LSA_HD int32_t scan_position(int32_t tie, int32_t m) { return tie < m ? m - 1 - tie : tie - m; }
 
-// Per-problem state: u[n], col4row[n]; v[m], spc[m], path[m], row4col[m], remaining[m].
+// Per-problem state: u[n], col4row[n]; v[m], spc[m], path[m], row4col[m], at[m], lpos[m].
 struct Workspace {
   double* u;
   double* v;
   double* spc;  // shortest path cost to each column in the current Dijkstra
   int32_t* col4row;
   int32_t* row4col;
-  int32_t* path;       // the row each column was reached from
-  int32_t* remaining;  // [0, nrem): columns not yet scanned; [nrem, m): scanned ones
+  int32_t* path;  // the row each column was reached from
+  int32_t* at;    // scipy's `remaining` list: at[p] is the column at scan position p < nrem;
+                  // [nrem, m) holds the scanned columns, latest first
+  int32_t* lpos;  // inverse of `at` for the columns not yet scanned, -1 once scanned
 };
 
 // Solves min sum c(i, col4row[i]) for an n x m problem with n <= m, `cost(i, j)`
 // returning the entry as a double (already negated for maximisation).
 // Returns kOk with w.col4row, w.u, w.v filled; kInvalid if an entry is NaN or -inf;
 // kInfeasible if no matching of finite cost exists.
+//
+// scipy scans its `remaining` list in order; here each step relaxes every column in
+// storage order (contiguous, so a team of lanes reads coalesced and one CPU thread
+// vectorises) and the scan order survives only where it matters: in the tie rank,
+// computed from the column's position in `at`.
 template <class Team, class Cost>
 LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspace w) {
   if (team.any(n, m, [&](int32_t i, int32_t j) {
@@ -85,21 +92,30 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
 
   for (int32_t cur = 0; cur < n; ++cur) {
     // Dijkstra from row `cur` over the columns, until it reaches a free column.
-    team.for_each(m, [&](int32_t k) { w.remaining[k] = m - 1 - k; w.spc[k] = kInf; });
+    // The scan list starts reversed so that a constant matrix gives the identity.
+    team.for_each(m, [&](int32_t j) {
+      w.at[j] = m - 1 - j;
+      w.lpos[j] = m - 1 - j;
+      w.spc[j] = kInf;
+    });
     team.sync();
     double min_val = 0.0;
     int32_t i = cur, nrem = m, sink = -1;
     while (sink < 0) {
-      const double ui = w.u[i];
-      const Key best = team.argmin(nrem, [&](int32_t it) {
-        const int32_t j = w.remaining[it];
+      // Relax the edges of row i; a scanned column is no candidate (+inf). The lambda
+      // captures by value so that the compiler knows the stores cannot change them.
+      auto relax = [w, cost, min_val, i, ui = w.u[i]](int32_t j) {
         const double r = ((min_val + cost(i, j)) - ui) - w.v[j];
-        if (r < w.spc[j]) {
-          w.path[j] = i;
-          w.spc[j] = r;
-        }
-        return Key{w.spc[j], tie_rank(it, w.row4col[j] < 0, m), j};
-      });
+        const double s = w.spc[j];
+        const bool live = w.lpos[j] >= 0;
+        const bool better = live & (r < s);  // no short circuit: no branch
+        const double best = better ? r : s;
+        w.spc[j] = best;
+        w.path[j] = better ? i : w.path[j];
+        return live ? best : kInf;
+      };
+      auto tie = [w, m](int32_t j) { return tie_rank(w.lpos[j], w.row4col[j] < 0, m); };
+      const Key best = team.argmin(m, relax, tie);
       min_val = best.value;
       if (min_val == kInf) return kInfeasible;
       const int32_t j = best.col;
@@ -108,11 +124,13 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
       } else {
         i = w.row4col[j];
       }
-      // Move the scanned column to the tail: [nrem, m) lists the scanned columns.
+      // Swap-remove j from the scan list, keeping it at the tail.
       if (team.leader()) {
-        const int32_t pos = scan_position(best.tie, m);
-        w.remaining[pos] = w.remaining[nrem - 1];
-        w.remaining[nrem - 1] = j;
+        const int32_t p = w.lpos[j], last = w.at[nrem - 1];
+        w.at[p] = last;
+        w.lpos[last] = p;
+        w.at[nrem - 1] = j;
+        w.lpos[j] = -1;
       }
       --nrem;
       team.sync();
@@ -122,7 +140,7 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
     // columns other than the sink; each is reached through its matched column.
     if (team.leader()) w.u[cur] += min_val;
     team.for_each(m - nrem, [&](int32_t k) {
-      const int32_t j = w.remaining[nrem + k];
+      const int32_t j = w.at[nrem + k];
       const double d = min_val - w.spc[j];
       if (j != sink) w.u[w.row4col[j]] += d;
       w.v[j] -= d;

@@ -11,11 +11,16 @@
 #include <stdexcept>
 #include <vector>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include "solver.h"
 
 namespace lsa {
 
-struct SequentialTeam {
+class SequentialTeam {
+ public:
   static constexpr int size = 1;
   bool leader() const { return true; }
   void sync() const {}
@@ -33,12 +38,72 @@ struct SequentialTeam {
     return false;
   }
 
-  template <class F>
-  Key argmin(int32_t n, F&& key_of) const {
+  // Three passes over contiguous values: relax everything (vectorised by the
+  // compiler), take the minimum value, then rank the (usually single) candidates at
+  // the minimum by their tie.
+  template <class Relax, class Tie>
+  Key argmin(int32_t n, Relax&& relax, Tie&& tie) {
+    if (int32_t(values_.size()) < n + 4) values_.resize(n + 4);
+    double* val = values_.data();
+    // relax(k) touches the state of column k only: no dependence between iterations.
+#pragma GCC ivdep
+    for (int32_t k = 0; k < n; ++k) val[k] = relax(k);
+    const double lowest = min_value(val, n);
     Key best = Key::none();
-    for (int32_t it = 0; it < n; ++it) best = min_key(best, key_of(it));
+    if (lowest == kInf) return best;
+    for (int32_t k = next_equal(val, 0, n, lowest); k < n; k = next_equal(val, k + 1, n, lowest))
+      best = min_key(best, Key{val[k], tie(k), k});
     return best;
   }
+
+ private:
+#if defined(__AVX__)
+  // The minimum of val[0, n). The sign of a zero minimum depends on the order of the
+  // comparisons, which is why argmin returns the winner's own value.
+  static double min_value(const double* val, int32_t n) {
+    __m256d m = _mm256_set1_pd(kInf);
+    int32_t k = 0;
+    for (; k + 4 <= n; k += 4) m = _mm256_min_pd(m, _mm256_loadu_pd(val + k));
+    alignas(32) double lanes[4];
+    _mm256_store_pd(lanes, m);
+    double lowest = kInf;
+    for (double x : lanes) lowest = x < lowest ? x : lowest;
+    for (; k < n; ++k) lowest = val[k] < lowest ? val[k] : lowest;
+    return lowest;
+  }
+
+  // The first k in [from, n) with val[k] == x, or n.
+  static int32_t next_equal(const double* val, int32_t from, int32_t n, double x) {
+    const __m256d target = _mm256_set1_pd(x);
+    int32_t k = from;
+    for (; k + 4 <= n; k += 4) {
+      const int mask = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(val + k), target, _CMP_EQ_OQ));
+      if (mask) return k + __builtin_ctz(mask);
+    }
+    for (; k < n; ++k)
+      if (val[k] == x) return k;
+    return n;
+  }
+#else
+  static double min_value(const double* val, int32_t n) {
+    double m0 = kInf, m1 = kInf;
+    int32_t k = 0;
+    for (; k + 2 <= n; k += 2) {
+      m0 = val[k] < m0 ? val[k] : m0;
+      m1 = val[k + 1] < m1 ? val[k + 1] : m1;
+    }
+    if (k < n) m0 = val[k] < m0 ? val[k] : m0;
+    return m1 < m0 ? m1 : m0;
+  }
+
+  static int32_t next_equal(const double* val, int32_t from, int32_t n, double x) {
+    int32_t k = from;
+    while (k < n && !(val[k] == x)) ++k;
+    return k;
+  }
+#endif
+
+  std::vector<double> values_;
 };
 
 class SimulatedTeam {
@@ -77,11 +142,16 @@ class SimulatedTeam {
     return found;
   }
 
-  template <class F>
-  Key argmin(int32_t n, F&& key_of) {
+  // Lane l keeps the best key of k = l, l + size, ... (as a CUDA lane does), then
+  // the lanes combine.
+  template <class Relax, class Tie>
+  Key argmin(int32_t n, Relax&& relax, Tie&& tie) {
     for (int lane = 0; lane < size; ++lane) {
       Key best = Key::none();
-      for (int32_t it = lane; it < n; it += size) best = min_key(best, key_of(it));
+      for (int32_t k = lane; k < n; k += size) {
+        const double value = relax(k);
+        if (value <= best.value) best = min_key(best, Key{value, tie(k), k});
+      }
       partial_[lane] = best;
     }
     warp_butterfly();
