@@ -36,14 +36,14 @@ struct DenseCost {
 
 // Per-chunk scratch, grown to the largest item once.
 struct Scratch {
-  std::vector<double> cost, u, v, spc;
+  std::vector<double> cost, u, v, spc, sval;
   std::vector<int32_t> col4row, row4col, path, at, lpos;
   lsa::SequentialTeam team;
 
   lsa::Workspace workspace(int64_t n, int64_t m) {
     u.resize(n), col4row.resize(n);
-    v.resize(m), spc.resize(m), row4col.resize(m), path.resize(m), at.resize(m), lpos.resize(m);
-      return {u.data(), v.data(), spc.data(), col4row.data(), row4col.data(), path.data(),
+    v.resize(m), spc.resize(m), sval.resize(m), row4col.resize(m), path.resize(m), at.resize(m), lpos.resize(m);
+      return {u.data(), v.data(), spc.data(), sval.data(), col4row.data(), row4col.data(), path.data(),
             at.data(), lpos.data()};
   }
 };

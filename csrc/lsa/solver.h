@@ -14,9 +14,10 @@
 //
 // A team is the group of lanes that solves one problem together: one thread on
 // the CPU, a warp or a block on the GPU. The body below only uses
-//   size, leader(), sync(), for_each(n, f), any(rows, cols, pred), argmin(n, relax, tie)
-// where argmin(n, relax, tie) calls relax(k) once for every k (it may update state and
-// returns the candidate value of k) and all-reduces the Key (value, tie(k), k). The Key's tie rank is unique per column, so the
+//   size, leader(), sync(), for_each(n, f), any(rows, cols, pred), argmin(n, relax, values, tie)
+// where argmin(n, relax, values, tie) calls relax(k) once for every k (which updates
+// values[k]; NaN marks a k that is no candidate) and then all-reduces the keys
+// (values[k], tie(k), k). The Key's tie rank is unique per column, so the
 // keys are strictly totally ordered and every reduction order (a sequential scan,
 // a warp butterfly, a block of warps) returns the same column. Every lane runs
 // the scalar code redundantly; only the leader writes shared state, between syncs.
@@ -33,6 +34,7 @@
 namespace lsa {
 
 constexpr double kInf = __builtin_huge_val();
+constexpr double kNaN = __builtin_nan("");
 
 enum Status : int32_t { kOk = 0, kInfeasible = 1, kInvalid = 2 };
 
@@ -56,17 +58,19 @@ LSA_HD int32_t tie_rank(int32_t it, bool unmatched, int32_t m) {
   return unmatched ? m - 1 - it : m + it;
 }
 
-// Per-problem state: u[n], col4row[n]; v[m], spc[m], path[m], row4col[m], at[m], lpos[m].
+// Per-problem state: u[n], col4row[n]; v[m], spc[m], sval[m], path[m], row4col[m], at[m],
+// lpos[m].
 struct Workspace {
   double* u;
   double* v;
-  double* spc;  // shortest path cost to each column in the current Dijkstra
+  double* spc;   // shortest path cost to each column in the current Dijkstra; NaN once scanned
+  double* sval;  // sval[p], p in [nrem, m): the path cost of column at[p] when it was scanned
   int32_t* col4row;
   int32_t* row4col;
   int32_t* path;  // the row each column was reached from
   int32_t* at;    // scipy's `remaining` list: at[p] is the column at scan position p < nrem;
                   // [nrem, m) holds the scanned columns, latest first
-  int32_t* lpos;  // inverse of `at` for the columns not yet scanned, -1 once scanned
+  int32_t* lpos;  // inverse of `at` for the columns not yet scanned
 };
 
 // Solves min sum c(i, col4row[i]) for an n x m problem with n <= m, `cost(i, j)`
@@ -102,20 +106,18 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
     double min_val = 0.0;
     int32_t i = cur, nrem = m, sink = -1;
     while (sink < 0) {
-      // Relax the edges of row i; a scanned column is no candidate (+inf). The lambda
-      // captures by value so that the compiler knows the stores cannot change them.
+      // Relax the edges of row i; a scanned column (spc NaN) compares false and stays.
+      // The lambda captures by value so that the compiler knows the stores cannot
+      // change what it reads, and vectorises it.
       auto relax = [w, cost, min_val, i, ui = w.u[i]](int32_t j) {
         const double r = ((min_val + cost(i, j)) - ui) - w.v[j];
         const double s = w.spc[j];
-        const bool live = w.lpos[j] >= 0;
-        const bool better = live & (r < s);  // no short circuit: no branch
-        const double best = better ? r : s;
-        w.spc[j] = best;
+        const bool better = r < s;
+        w.spc[j] = better ? r : s;
         w.path[j] = better ? i : w.path[j];
-        return live ? best : kInf;
       };
       auto tie = [w, m](int32_t j) { return tie_rank(w.lpos[j], w.row4col[j] < 0, m); };
-      const Key best = team.argmin(m, relax, tie);
+      const Key best = team.argmin(m, relax, w.spc, tie);
       min_val = best.value;
       if (min_val == kInf) return kInfeasible;
       const int32_t j = best.col;
@@ -124,13 +126,14 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
       } else {
         i = w.row4col[j];
       }
-      // Swap-remove j from the scan list, keeping it at the tail.
+      // Swap-remove j from the scan list, keeping it (and its path cost) at the tail.
       if (team.leader()) {
         const int32_t p = w.lpos[j], last = w.at[nrem - 1];
         w.at[p] = last;
         w.lpos[last] = p;
         w.at[nrem - 1] = j;
-        w.lpos[j] = -1;
+        w.sval[nrem - 1] = min_val;
+        w.spc[j] = kNaN;
       }
       --nrem;
       team.sync();
@@ -141,7 +144,7 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
     if (team.leader()) w.u[cur] += min_val;
     team.for_each(m - nrem, [&](int32_t k) {
       const int32_t j = w.at[nrem + k];
-      const double d = min_val - w.spc[j];
+      const double d = min_val - w.sval[nrem + k];
       if (j != sink) w.u[w.row4col[j]] += d;
       w.v[j] -= d;
     });

@@ -42,12 +42,10 @@ class SequentialTeam {
   // compiler), take the minimum value, then rank the (usually single) candidates at
   // the minimum by their tie.
   template <class Relax, class Tie>
-  Key argmin(int32_t n, Relax&& relax, Tie&& tie) {
-    if (int32_t(values_.size()) < n + 4) values_.resize(n + 4);
-    double* val = values_.data();
+  Key argmin(int32_t n, Relax&& relax, const double* val, Tie&& tie) const {
     // relax(k) touches the state of column k only: no dependence between iterations.
 #pragma GCC ivdep
-    for (int32_t k = 0; k < n; ++k) val[k] = relax(k);
+    for (int32_t k = 0; k < n; ++k) relax(k);
     const double lowest = min_value(val, n);
     Key best = Key::none();
     if (lowest == kInf) return best;
@@ -58,12 +56,13 @@ class SequentialTeam {
 
  private:
 #if defined(__AVX__)
-  // The minimum of val[0, n). The sign of a zero minimum depends on the order of the
-  // comparisons, which is why argmin returns the winner's own value.
+  // The minimum of val[0, n), NaN skipped (minpd returns its second operand when the
+  // first is NaN). The sign of a zero minimum depends on the order of the comparisons,
+  // which is why argmin returns the winner's own value.
   static double min_value(const double* val, int32_t n) {
     __m256d m = _mm256_set1_pd(kInf);
     int32_t k = 0;
-    for (; k + 4 <= n; k += 4) m = _mm256_min_pd(m, _mm256_loadu_pd(val + k));
+    for (; k + 4 <= n; k += 4) m = _mm256_min_pd(_mm256_loadu_pd(val + k), m);
     alignas(32) double lanes[4];
     _mm256_store_pd(lanes, m);
     double lowest = kInf;
@@ -102,8 +101,6 @@ class SequentialTeam {
     return k;
   }
 #endif
-
-  std::vector<double> values_;
 };
 
 class SimulatedTeam {
@@ -143,14 +140,14 @@ class SimulatedTeam {
   }
 
   // Lane l keeps the best key of k = l, l + size, ... (as a CUDA lane does), then
-  // the lanes combine.
+  // the lanes combine. A NaN value compares false: no candidate.
   template <class Relax, class Tie>
-  Key argmin(int32_t n, Relax&& relax, Tie&& tie) {
+  Key argmin(int32_t n, Relax&& relax, const double* val, Tie&& tie) {
     for (int lane = 0; lane < size; ++lane) {
       Key best = Key::none();
       for (int32_t k = lane; k < n; k += size) {
-        const double value = relax(k);
-        if (value <= best.value) best = min_key(best, Key{value, tie(k), k});
+        relax(k);
+        if (val[k] <= best.value) best = min_key(best, Key{val[k], tie(k), k});
       }
       partial_[lane] = best;
     }
