@@ -3,6 +3,7 @@ backend and provides the scipy fallback used when the extension is not built."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -43,6 +44,7 @@ if _LOAD_ERROR is None:
         )
 
 
+@functools.cache
 def has_kernel(device_type: str) -> bool:
     """Whether the built extension has a kernel of the lsa op for `device_type`."""
     if _LOAD_ERROR is not None:

@@ -82,8 +82,8 @@ std::vector<Item> read_items(const Tensor& cost, const std::optional<Tensor>& si
   const auto acc = s.accessor<int64_t, 2>();
   for (int64_t b = 0; b < B; ++b) {
     const int64_t n = acc[b][0], m = acc[b][1];
-    TORCH_CHECK_VALUE(0 <= n && n <= N && 0 <= m && m <= M, "lsa: sizes[", b, "] = (", n, ", ", m,
-                      ") is outside the padded problem [", N, ", ", M, "]");
+    TORCH_CHECK_VALUE(0 <= n && n <= N && 0 <= m && m <= M, "sizes[", b, "] = (", n, ", ", m,
+                      ") is outside the padded problem [", N, ", ", M, "] (batch item ", b, ")");
     items[b] = Item{n, m, m < n};
   }
   return items;
