@@ -1,5 +1,7 @@
 import os
+import platform
 
+import pytest
 import torch
 
 # Triton kernels run on the CPU through the interpreter when there is no GPU. The
@@ -7,3 +9,60 @@ import torch
 # modules are imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def machine_name() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {gpu}"
+
+
+class Table:
+    """Collects the median time of each (case, solver) and prints ratio tables at the end."""
+
+    def __init__(self):
+        self.rows: dict[str, dict[str, dict[str, float]]] = {}
+
+    def add(self, table: str, case: str, solver: str, benchmark) -> None:
+        if benchmark.disabled or benchmark.stats is None:
+            return
+        self.rows.setdefault(table, {}).setdefault(case, {})[solver] = benchmark.stats.stats.median
+
+    def render(self) -> list[str]:
+        lines = []
+        for table, cases in self.rows.items():
+            solvers = list(dict.fromkeys(s for row in cases.values() for s in row))
+            lines += ["", f"## {table} (median ms; ratio = other / maskformer_fast)", ""]
+            lines.append("| case | " + " | ".join(solvers) + " |")
+            lines.append("|---" * (len(solvers) + 1) + "|")
+            for case, row in cases.items():
+                ours = row.get("maskformer_fast")
+                cells = []
+                for s in solvers:
+                    t = row.get(s)
+                    if t is None:
+                        cells.append("")
+                    elif ours and s != "maskformer_fast":
+                        cells.append(f"{1e3 * t:.3g} ({t / ours:.1f}x)")
+                    else:
+                        cells.append(f"{1e3 * t:.3g}")
+                lines.append(f"| {case} | " + " | ".join(cells) + " |")
+        return lines
+
+
+@pytest.fixture(scope="session")
+def table(request):
+    t = Table()
+    yield t
+    if t.rows:
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        lines = [f"machine: {machine_name()}"] + t.render()
+        for line in lines:
+            reporter.write_line(line)
+        with open(os.path.join(request.config.rootpath, ".benchmarks", "tables.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
