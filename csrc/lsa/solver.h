@@ -24,6 +24,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define LSA_HD __host__ __device__ __forceinline__
@@ -52,6 +54,26 @@ struct Key {
 };
 
 LSA_HD Key min_key(const Key& a, const Key& b) { return b < a ? b : a; }
+
+// c ? a : b, computed with bit masks on the host: written as a plain conditional, GCC
+// turns the relax loop's "store back what was loaded" into branches around masked
+// stores, which mispredict.
+template <class T>
+LSA_HD T select(bool c, T a, T b) {
+#if defined(__CUDA_ARCH__)
+  return c ? a : b;
+#else
+  using Bits = std::conditional_t<sizeof(T) == 8, uint64_t, uint32_t>;
+  Bits x, y;
+  std::memcpy(&x, &a, sizeof(T));
+  std::memcpy(&y, &b, sizeof(T));
+  const Bits mask = Bits(0) - Bits(c);
+  const Bits z = (x & mask) | (y & ~mask);
+  T out;
+  std::memcpy(&out, &z, sizeof(T));
+  return out;
+#endif
+}
 
 // The tie rank of the column at scan position `it` of a problem with `m` columns.
 LSA_HD int32_t tie_rank(int32_t it, bool unmatched, int32_t m) {
@@ -100,12 +122,19 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
     team.for_each(m, [&](int32_t j) {
       w.at[j] = m - 1 - j;
       w.lpos[j] = m - 1 - j;
-      w.spc[j] = kInf;
     });
     team.sync();
     double min_val = 0.0;
     int32_t i = cur, nrem = m, sink = -1;
-    while (sink < 0) {
+    // The first step sets every column's path cost (scipy's reset to +inf followed by
+    // a relaxation that wins wherever the edge is finite). A column left at +inf keeps
+    // a stale path entry, which is never read: it cannot be picked while feasible.
+    auto first = [w, cost, i, ui = w.u[i]](int32_t j) {
+      w.spc[j] = ((0.0 + cost(i, j)) - ui) - w.v[j];
+      w.path[j] = i;
+    };
+    auto tie = [w, m](int32_t j) { return tie_rank(w.lpos[j], w.row4col[j] < 0, m); };
+    for (bool initial = true; sink < 0; initial = false) {
       // Relax the edges of row i; a scanned column (spc NaN) compares false and stays.
       // The lambda captures by value so that the compiler knows the stores cannot
       // change what it reads, and vectorises it.
@@ -113,11 +142,15 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
         const double r = ((min_val + cost(i, j)) - ui) - w.v[j];
         const double s = w.spc[j];
         const bool better = r < s;
-        w.spc[j] = better ? r : s;
-        w.path[j] = better ? i : w.path[j];
+        w.spc[j] = select(better, r, s);
+        w.path[j] = select(better, i, w.path[j]);
       };
-      auto tie = [w, m](int32_t j) { return tie_rank(w.lpos[j], w.row4col[j] < 0, m); };
-      const Key best = team.argmin(m, relax, w.spc, tie);
+      Key best;
+      if (initial) {
+        best = team.argmin(m, first, w.spc, tie);
+      } else {
+        best = team.argmin(m, relax, w.spc, tie);
+      }
       min_val = best.value;
       if (min_val == kInf) return kInfeasible;
       const int32_t j = best.col;
