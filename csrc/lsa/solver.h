@@ -106,10 +106,8 @@ struct Workspace {
 // computed from the column's position in `at`.
 template <class Team, class Cost>
 LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspace w) {
-  if (team.any(n, m, [&](int32_t i, int32_t j) {
-        const double c = cost(i, j);
-        return c != c || c == -kInf;
-      })) {
+  // NaN and -inf are exactly the entries that are not above -inf.
+  if (team.any(n, m, [&](int32_t i, int32_t j) { return !(cost(i, j) > -kInf); })) {
     return kInvalid;
   }
   team.for_each(n, [&](int32_t i) { w.u[i] = 0.0; w.col4row[i] = -1; });

@@ -17,6 +17,10 @@
 
 #include "solver.h"
 
+// The sequential team's loops are the solver's hot loops: inline them (and the
+// solver's lambdas) whatever the compiler's heuristics think of their size.
+#define LSA_HOT inline __attribute__((always_inline))
+
 namespace lsa {
 
 class SequentialTeam {
@@ -26,81 +30,64 @@ class SequentialTeam {
   void sync() const {}
 
   template <class F>
-  void for_each(int32_t n, F&& f) const {
+  LSA_HOT void for_each(int32_t n, F&& f) const {
     for (int32_t k = 0; k < n; ++k) f(k);
   }
 
   template <class Pred>
-  bool any(int32_t rows, int32_t cols, Pred&& pred) const {
-    for (int32_t i = 0; i < rows; ++i)
-      for (int32_t j = 0; j < cols; ++j)
-        if (pred(i, j)) return true;
+  LSA_HOT bool any(int32_t rows, int32_t cols, Pred&& pred) const {
+    for (int32_t i = 0; i < rows; ++i) {
+      bool found = false;  // no early exit inside a row: the compiler vectorises it
+      for (int32_t j = 0; j < cols; ++j) found |= pred(i, j);
+      if (found) return true;
+    }
     return false;
   }
 
-  // Three passes over contiguous values: relax everything (vectorised by the
-  // compiler), take the minimum value, then rank the (usually single) candidates at
-  // the minimum by their tie.
+  // Three passes over contiguous values: relax every column (vectorised by the
+  // compiler), find the lowest value, then rank the columns at it by their tie (more
+  // than one is common: tight edges give exactly equal path costs).
   template <class Relax, class Tie>
-  Key argmin(int32_t n, Relax&& relax, const double* val, Tie&& tie) const {
+  LSA_HOT Key argmin(int32_t n, Relax&& relax, const double* val, Tie&& tie) const {
     // relax(k) touches the state of column k only: no dependence between iterations.
 #pragma GCC ivdep
     for (int32_t k = 0; k < n; ++k) relax(k);
     const double lowest = min_value(val, n);
     Key best = Key::none();
     if (lowest == kInf) return best;
-    for (int32_t k = next_equal(val, 0, n, lowest); k < n; k = next_equal(val, k + 1, n, lowest))
-      best = min_key(best, Key{val[k], tie(k), k});
+    int32_t k = 0;
+#if defined(__AVX__)
+    const __m256d target = _mm256_set1_pd(lowest);
+    for (; k + 4 <= n; k += 4) {
+      for (int mask = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(val + k), target, _CMP_EQ_OQ));
+           mask != 0; mask &= mask - 1) {
+        const int32_t q = k + __builtin_ctz(mask);
+        best = min_key(best, Key{val[q], tie(q), q});
+      }
+    }
+#endif
+    for (; k < n; ++k)
+      if (val[k] == lowest) best = min_key(best, Key{val[k], tie(k), k});
     return best;
   }
 
  private:
-#if defined(__AVX__)
-  // The minimum of val[0, n), NaN skipped (minpd returns its second operand when the
-  // first is NaN). The sign of a zero minimum depends on the order of the comparisons,
-  // which is why argmin returns the winner's own value.
-  static double min_value(const double* val, int32_t n) {
-    __m256d m = _mm256_set1_pd(kInf);
+  // The minimum of val[0, n), NaN skipped (every comparison with NaN is false; minpd
+  // returns its second operand). The sign of a zero minimum depends on the order of
+  // the comparisons, which is why argmin returns the winner's own value.
+  LSA_HOT static double min_value(const double* val, int32_t n) {
+    double lowest = kInf;
     int32_t k = 0;
+#if defined(__AVX__)
+    __m256d m = _mm256_set1_pd(kInf);
     for (; k + 4 <= n; k += 4) m = _mm256_min_pd(_mm256_loadu_pd(val + k), m);
     alignas(32) double lanes[4];
     _mm256_store_pd(lanes, m);
-    double lowest = kInf;
     for (double x : lanes) lowest = x < lowest ? x : lowest;
+#endif
     for (; k < n; ++k) lowest = val[k] < lowest ? val[k] : lowest;
     return lowest;
   }
-
-  // The first k in [from, n) with val[k] == x, or n.
-  static int32_t next_equal(const double* val, int32_t from, int32_t n, double x) {
-    const __m256d target = _mm256_set1_pd(x);
-    int32_t k = from;
-    for (; k + 4 <= n; k += 4) {
-      const int mask = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(val + k), target, _CMP_EQ_OQ));
-      if (mask) return k + __builtin_ctz(mask);
-    }
-    for (; k < n; ++k)
-      if (val[k] == x) return k;
-    return n;
-  }
-#else
-  static double min_value(const double* val, int32_t n) {
-    double m0 = kInf, m1 = kInf;
-    int32_t k = 0;
-    for (; k + 2 <= n; k += 2) {
-      m0 = val[k] < m0 ? val[k] : m0;
-      m1 = val[k + 1] < m1 ? val[k + 1] : m1;
-    }
-    if (k < n) m0 = val[k] < m0 ? val[k] : m0;
-    return m1 < m0 ? m1 : m0;
-  }
-
-  static int32_t next_equal(const double* val, int32_t from, int32_t n, double x) {
-    int32_t k = from;
-    while (k < n && !(val[k] == x)) ++k;
-    return k;
-  }
-#endif
 };
 
 class SimulatedTeam {
