@@ -35,10 +35,13 @@ def extension():
     arch = os.environ.get("MASKFORMER_FAST_CPU_ARCH", "native")
     cxx = ["-O3", "-fopenmp", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math"]
     cxx += [f"-march={arch}"] if arch else []
+    link = ["-fopenmp"]
+    if os.environ.get("MASKFORMER_FAST_SANITIZE") == "1":  # scripts/sanitize.sh
+        cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+        link += ["-fsanitize=address,undefined"]
     if not want_cuda():
         return CppExtension(
-            "maskformer_fast._C", sources, extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
+            "maskformer_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link
         )
     sources += sorted(glob.glob("csrc/**/*.cu", recursive=True))
     # ATen/cuda headers want cusparse.h, which ships with torch's nvidia wheels.
@@ -50,7 +53,7 @@ def extension():
     nvcc = ["-O3", "-lineinfo", "-Xptxas", "-v", "--expt-relaxed-constexpr"]
     return CUDAExtension(
         "maskformer_fast._C", sources, include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link,
     )
 
 

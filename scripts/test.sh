@@ -6,3 +6,4 @@ bash scripts/setup.sh
 PY="${VENV:-.venv}/bin/python"
 "$PY" -m pytest tests -q -p no:cacheprovider "$@"
 "$PY" -m pytest benchmarks --benchmark-disable -q -p no:cacheprovider
+bash scripts/sanitize.sh
