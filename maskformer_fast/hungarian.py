@@ -171,4 +171,17 @@ def linear_sum_assignment(cost: ArrayLike, maximize: bool = False, *, backend: s
     return rows, row[rows]
 
 
-__all__ = ["BatchAssignment", "batch_linear_sum_assignment", "linear_sum_assignment"]
+def __getattr__(name: str):
+    # The matchers live one layer up (they need the cost kernels); re-exported here so
+    # that a trainer swaps its matcher with one import from this module.
+    if name in ("HungarianMatcher", "HFHungarianMatcher"):
+        from maskformer_fast import matcher
+
+        return getattr(matcher, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "BatchAssignment", "HFHungarianMatcher", "HungarianMatcher", "batch_linear_sum_assignment",
+    "linear_sum_assignment",
+]  # fmt: skip
