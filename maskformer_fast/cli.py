@@ -1,9 +1,17 @@
-"""Command line: `python -m maskformer_fast demo` (the default)."""
+"""Command line: ``maskformer-fast`` / ``python -m maskformer_fast``.
+
+    train [--data squares|shapes] [--out DIR] [--resume] ...   (the default command)
+    eval CHECKPOINT [--out DIR]
+    demo                                                        (batched matching vs scipy)
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
+import sys
 import time
 
 import numpy as np
@@ -60,16 +68,80 @@ def demo(batch: int, queries: int, max_targets: int, layers: int, seed: int) -> 
         raise SystemExit("mismatch with scipy")
 
 
+DATA_DEFAULTS = {"squares": {}, "shapes": {"queries": 12, "steps": 1500, "batch_size": 16, "lr": 3e-3}}
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from maskformer_fast.train import Config
+
+    defaults = Config()
+    p.add_argument("--out", default=None, help="run folder (default runs/DATA)")
+    p.add_argument("--data", default="squares", choices=["squares", "shapes"])
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    for field, value in vars(defaults).items():
+        if field != "data":
+            p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=None,
+                           help=f"default {value} (per data set: {DATA_DEFAULTS})")
+
+
+def _train(args) -> None:
+    from maskformer_fast.train import Config, train
+
+    values = {**DATA_DEFAULTS[args.data], "data": args.data}
+    values.update({k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__ and v is not None})
+    cfg = Config(**values)
+    out = args.out or f"runs/{cfg.data}"
+    metrics = train(cfg, out, resume=args.resume, device=args.device)
+    if "AP" in metrics:
+        print(json.dumps(metrics, indent=2))
+        print(f"metrics, checkpoint and figures in {out}/")
+
+
+def _eval(args) -> None:
+    from maskformer_fast.model import MaskFormer
+    from maskformer_fast.train import Config, evaluate_run, load_checkpoint
+
+    state = load_checkpoint(args.checkpoint)
+    cfg = Config.from_dict(state["config"])
+    if args.eval_images:
+        cfg.eval_images = args.eval_images
+    from maskformer_fast.data import KINDS
+
+    model = MaskFormer(len(KINDS[cfg.data]), cfg.queries, cfg.dim, cfg.heads, cfg.layers)
+    model.load_state_dict(state["model"])
+    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    os.makedirs(out, exist_ok=True)
+    metrics = evaluate_run(model, cfg, out, state.get("history"))
+    metrics["train_seconds"] = state.get("train_seconds")
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    print(json.dumps(metrics, indent=2))
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="maskformer-fast", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="maskformer-fast",
+        description="Train and evaluate a small MaskFormer on synthetic data; benchmark matching.",
+    )
     sub = parser.add_subparsers(dest="command")
+    p_train = sub.add_parser("train", help="train (the default command), evaluate, draw figures")
+    _train_args(p_train)
+    p_eval = sub.add_parser("eval", help="evaluate a checkpoint on the held-out set")
+    p_eval.add_argument("checkpoint")
+    p_eval.add_argument("--out", default=None, help="where to write metrics.json and figures")
+    p_eval.add_argument("--eval-images", type=int, default=None)
     p_demo = sub.add_parser("demo", help="batched Hungarian matching vs the scipy loop")
     p_demo.add_argument("--batch", type=int, default=16)
     p_demo.add_argument("--queries", type=int, default=100)
     p_demo.add_argument("--max-targets", type=int, default=20)
     p_demo.add_argument("--layers", type=int, default=10)
     p_demo.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.command in (None, "demo"):
-        defaults = parser.parse_args(["demo"]) if args.command is None else args
-        demo(defaults.batch, defaults.queries, defaults.max_targets, defaults.layers, defaults.seed)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv or ["train"])
+    if args.command == "train":
+        _train(args)
+    elif args.command == "eval":
+        _eval(args)
+    else:
+        demo(args.batch, args.queries, args.max_targets, args.layers, args.seed)

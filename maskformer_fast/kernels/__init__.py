@@ -1,0 +1,106 @@
+"""Matching-cost and mask kernels.
+
+- :func:`pairwise_mask_cost`: the matching cost of every query against every target of its
+  image (class + sigmoid-BCE or focal + dice), for a whole padded batch at once.
+- :func:`mask_cost_from_embeddings`: the same cost straight from mask embeddings and the
+  pixel feature, without materialising the ``[B, Q, H, W]`` logits.
+- :func:`mask_einsum`: ``"b t c, b c h w -> b t h w"``, differentiable.
+
+``backend``: "auto" (the default) or "torch" run the torch references in
+:mod:`maskformer_fast.kernels.reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from maskformer_fast.kernels.reference import (
+    mask_cost_from_embeddings_torch,
+    mask_einsum_torch,
+    pairwise_mask_cost_torch,
+)
+
+BACKENDS = ("auto", "torch")
+MASK_COSTS = ("bce", "focal")
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_cost_args(name, B, Q, T, tgt_counts, class_logits, tgt_labels, mask_cost):
+    if mask_cost not in MASK_COSTS:
+        raise ValueError(f"mask_cost must be one of {MASK_COSTS}, got {mask_cost!r}")
+    if tgt_counts is not None and tuple(tgt_counts.shape) != (B,):
+        raise ValueError(f"{name}: tgt_counts must have shape [B] = [{B}], got {list(tgt_counts.shape)}")
+    if (class_logits is None) != (tgt_labels is None):
+        raise ValueError(f"{name}: class_logits and tgt_labels go together")
+    if class_logits is not None:
+        if class_logits.dim() != 3 or class_logits.shape[:2] != (B, Q):
+            raise ValueError(f"{name}: class_logits must be [B, Q, K+1] = [{B}, {Q}, K+1], got "
+                             f"{list(class_logits.shape)}")
+        if tuple(tgt_labels.shape) != (B, T):
+            raise ValueError(f"{name}: tgt_labels must be [B, T] = [{B}, {T}], got {list(tgt_labels.shape)}")
+
+
+def pairwise_mask_cost(mask_logits: torch.Tensor, tgt_masks: torch.Tensor, tgt_counts: torch.Tensor | None = None,
+                       class_logits: torch.Tensor | None = None, tgt_labels: torch.Tensor | None = None, *,
+                       w_class: float = 1.0, w_mask: float = 1.0, w_dice: float = 1.0, mask_cost: str = "bce",
+                       backend: str = "auto") -> torch.Tensor:
+    """Matching cost ``[B, Q, T]`` (float32; +inf in the padding columns t >= count).
+
+    Args:
+        mask_logits: ``[B, Q, P]`` (fp32 / fp16 / bf16).
+        tgt_masks: ``[B, T, P]`` in [0, 1] (any float, bool or uint8 dtype).
+        tgt_counts: ``[B]``: targets beyond an image's count are padding; None: all valid.
+        class_logits: ``[B, Q, K+1]`` and tgt_labels ``[B, T]`` int64, for the class term
+            ``-softmax(class_logits)[q, label_t]``; omit both for no class term.
+        w_class, w_mask, w_dice: weights; mask_cost: "bce" or "focal" (alpha 0.25, gamma 2).
+    """
+    _check_backend(backend)
+    if mask_logits.dim() != 3 or tgt_masks.dim() != 3 or tgt_masks.shape[0] != mask_logits.shape[0] \
+            or tgt_masks.shape[2] != mask_logits.shape[2]:
+        raise ValueError(f"pairwise_mask_cost: mask_logits [B, Q, P] and tgt_masks [B, T, P] must agree, got "
+                         f"{list(mask_logits.shape)} and {list(tgt_masks.shape)}")
+    B, Q, _ = mask_logits.shape
+    _check_cost_args("pairwise_mask_cost", B, Q, tgt_masks.shape[1], tgt_counts, class_logits, tgt_labels,
+                     mask_cost)
+    return pairwise_mask_cost_torch(mask_logits, tgt_masks, tgt_counts, class_logits, tgt_labels,
+                                    w_class=w_class, w_mask=w_mask, w_dice=w_dice, mask_cost=mask_cost)
+
+
+def mask_cost_from_embeddings(mask_embed: torch.Tensor, pixel_feat: torch.Tensor, tgt_masks: torch.Tensor,
+                              tgt_counts: torch.Tensor | None = None, class_logits: torch.Tensor | None = None,
+                              tgt_labels: torch.Tensor | None = None, *, w_class: float = 1.0,
+                              w_mask: float = 1.0, w_dice: float = 1.0, mask_cost: str = "bce",
+                              backend: str = "auto") -> torch.Tensor:
+    """:func:`pairwise_mask_cost` of the logits ``einsum("bqc,bchw->bqhw", mask_embed,
+    pixel_feat)`` against ``tgt_masks [B, T, H, W]``, never materialising the logits."""
+    _check_backend(backend)
+    if mask_embed.dim() != 3 or pixel_feat.dim() != 4 or tgt_masks.dim() != 4:
+        raise ValueError("mask_cost_from_embeddings: expected mask_embed [B, Q, C], pixel_feat [B, C, H, W], "
+                         f"tgt_masks [B, T, H, W]; got {list(mask_embed.shape)}, {list(pixel_feat.shape)}, "
+                         f"{list(tgt_masks.shape)}")
+    B, Q, C = mask_embed.shape
+    if pixel_feat.shape[:2] != (B, C) or tgt_masks.shape[0] != B or tgt_masks.shape[2:] != pixel_feat.shape[2:]:
+        raise ValueError(f"mask_cost_from_embeddings: shapes disagree: {list(mask_embed.shape)}, "
+                         f"{list(pixel_feat.shape)}, {list(tgt_masks.shape)}")
+    _check_cost_args("mask_cost_from_embeddings", B, Q, tgt_masks.shape[1], tgt_counts, class_logits, tgt_labels,
+                     mask_cost)
+    return mask_cost_from_embeddings_torch(mask_embed, pixel_feat, tgt_masks, tgt_counts, class_logits,
+                                           tgt_labels, w_class=w_class, w_mask=w_mask, w_dice=w_dice,
+                                           mask_cost=mask_cost)
+
+
+def mask_einsum(mask_embed: torch.Tensor, pixel_feat: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``einsum("b t c, b c h w -> b t h w")``: ``[B, T, C]`` x ``[B, C, H, W]`` -> ``[B, T, H, W]``."""
+    _check_backend(backend)
+    if mask_embed.dim() != 3 or pixel_feat.dim() != 4 or mask_embed.shape[0] != pixel_feat.shape[0] \
+            or mask_embed.shape[2] != pixel_feat.shape[1]:
+        raise ValueError(f"mask_einsum: expected [B, T, C] and [B, C, H, W], got {list(mask_embed.shape)} and "
+                         f"{list(pixel_feat.shape)}")
+    return mask_einsum_torch(mask_embed, pixel_feat)
+
+
+__all__ = ["mask_cost_from_embeddings", "mask_einsum", "pairwise_mask_cost"]

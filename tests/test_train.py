@@ -1,0 +1,206 @@
+"""Data, model, trainer and evaluation: the main job, end to end, at toy size."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from maskformer_fast.data import SyntheticDataset
+from maskformer_fast.evaluate import coco_metrics, instances, panoptic, panoptic_quality
+from maskformer_fast.model import MaskFormer
+from maskformer_fast.train import Config, load_checkpoint, save_checkpoint, train
+
+TINY = dict(steps=12, batch_size=8, dim=16, layers=2, queries=4, eval_images=12, checkpoint_every=4)
+
+
+def test_datasets_are_deterministic_and_well_formed():
+    for kind, (size, classes) in {"squares": (32, 1), "shapes": (64, 3)}.items():
+        ds = SyntheticDataset(kind, 50, seed=3)
+        counts = []
+        for i in range(50):
+            image, target = ds[i]
+            again = ds[i][0]
+            assert torch.equal(image, again)
+            assert image.shape == (1, size, size)
+            T = len(target["labels"])
+            counts.append(T)
+            assert target["masks"].shape == (T, size, size)
+            assert ((target["labels"] >= 0) & (target["labels"] < classes)).all()
+            if T:
+                assert (target["masks"].flatten(1).sum(1) > 0).all()
+                assert target["masks"].sum(0).max() <= 1  # instances never overlap
+        if kind == "squares":
+            assert set(counts) <= {2, 3}
+            assert all((ds[i][1]["masks"].sum((1, 2)) == 25).all() for i in range(50))
+        else:
+            assert 0 in counts and max(counts) >= 3
+    assert not torch.equal(SyntheticDataset("squares", 1, seed=0)[0][0], SyntheticDataset("squares", 1, seed=1)[0][0])
+    with pytest.raises(ValueError, match="unknown data set"):
+        SyntheticDataset("cats")
+
+
+def test_model_shapes_and_aux_outputs():
+    model = MaskFormer(num_classes=3, num_queries=5, dim=16, heads=2, layers=3)
+    out = model(torch.rand(2, 1, 64, 64))
+    assert out["pred_logits"].shape == (2, 5, 4)
+    assert out["pred_masks"].shape == (2, 5, 64, 64)
+    assert len(out["aux_outputs"]) == 2
+    assert all(a["pred_masks"].shape == (2, 5, 64, 64) for a in out["aux_outputs"])
+
+
+def perfect_logits(target, Q, K):
+    """Predictions that reproduce the ground truth exactly, as logits."""
+    T = len(target["labels"])
+    logits = torch.full((Q, K + 1), -20.0)
+    logits[:, K] = 20.0
+    masks = torch.full((Q, *target["masks"].shape[-2:]), -20.0)
+    for t in range(T):
+        logits[t, :] = -20.0
+        logits[t, target["labels"][t]] = 20.0
+        masks[t] = torch.where(target["masks"][t] > 0, 20.0, -20.0)
+    return logits, masks
+
+
+def test_perfect_predictions_score_one():
+    ds = SyntheticDataset("shapes", 40, seed=5)
+    gts = [ds[i][1] for i in range(40)]
+    preds, segments = [], []
+    for gt in gts:
+        logits, masks = perfect_logits(gt, 8, 3)
+        preds.append(instances(logits, masks))
+        segments.append(panoptic(logits, masks))
+    metrics = coco_metrics(gts, preds, 3)
+    for key in ("AP", "AP50", "AP75", "AR100"):
+        assert metrics[key] == pytest.approx(1.0), key
+    assert panoptic_quality(gts, segments, 3)["PQ"] == pytest.approx(1.0)
+    # and a wrong prediction is not
+    shifted = [[dict(p, mask=np.roll(p["mask"], 3, 1)) for p in image] for image in preds]
+    assert coco_metrics(gts, shifted, 3)["AP"] < 0.5
+
+
+def test_checkpoints_are_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, {"step": 1})
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # killed half way through writing
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"step": 2})
+    assert load_checkpoint(path) == {"step": 1}
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+
+
+def test_tiny_training_run_learns_and_writes_everything(tmp_path):
+    metrics = train(Config(**dict(TINY, steps=40, lr=3e-3, warmup=5)), str(tmp_path), progress=False)
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    losses = [r["loss"] for r in log]
+    assert len(losses) == 40
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    for f in ("metrics.json", "checkpoint.pt", "queries.png", "instances.png", "loss.png"):
+        assert (tmp_path / f).exists(), f
+    saved = json.load(open(tmp_path / "metrics.json"))
+    for key in ("AP", "AP50", "AP75", "AR100", "train_seconds"):
+        assert key in saved and saved[key] == metrics[key]
+        if key != "train_seconds":
+            assert 0.0 <= saved[key] <= 1.0
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    cfg = Config(**TINY)
+    full = train(cfg, str(tmp_path / "full"), evaluate_at_end=False, progress=False)
+    # the same run, stopped after 8 steps (its checkpoint at step 8), then resumed
+    short = Config(**dict(TINY, steps=12))
+    state_dir = tmp_path / "resumed"
+    train_steps(short, state_dir, stop_after=8)
+    train(short, str(state_dir), resume=True, evaluate_at_end=False, progress=False)
+    a = load_checkpoint(str(tmp_path / "full" / "checkpoint.pt"))
+    b = load_checkpoint(str(state_dir / "checkpoint.pt"))
+    assert a["step"] == b["step"] == 12
+    assert a["history"] == b["history"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert full["steps"] == 12
+
+
+def train_steps(cfg, out, stop_after):
+    """Runs `cfg` but kills the run (an exception) once `stop_after` steps are checkpointed."""
+    import maskformer_fast.train as T
+
+    real = T.save_checkpoint
+
+    def save_then_maybe_die(path, state):
+        real(path, state)
+        if state["step"] >= stop_after:
+            raise KeyboardInterrupt
+
+    T.save_checkpoint = save_then_maybe_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, str(out), evaluate_at_end=False, progress=False)
+    finally:
+        T.save_checkpoint = real
+
+
+def test_resume_refuses_another_config(tmp_path):
+    train(Config(**dict(TINY, steps=4)), str(tmp_path), evaluate_at_end=False, progress=False)
+    with pytest.raises(ValueError, match="--resume"):
+        train(Config(**dict(TINY, steps=4, lr=0.5)), str(tmp_path), resume=True, progress=False)
+
+
+def test_non_finite_loss_policy(tmp_path, monkeypatch):
+    import maskformer_fast.losses as L
+
+    real = L.SetCriterion.total
+    monkeypatch.setattr(L.SetCriterion, "total", lambda self, losses: real(self, losses) * float("nan"))
+    with pytest.raises(FloatingPointError, match="not finite for 3 consecutive steps"):
+        train(Config(**dict(TINY, max_bad_steps=3)), str(tmp_path), progress=False)
+
+
+def test_cli_eval(tmp_path):
+    train(Config(**TINY), str(tmp_path / "run"), evaluate_at_end=False, progress=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "maskformer_fast", "eval", str(tmp_path / "run" / "checkpoint.pt"),
+         "--out", str(tmp_path / "eval"), "--eval-images", "8"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
+    assert set(metrics) >= {"AP", "AP50", "AP75", "AR100"}
+
+
+def test_two_process_torchrun(tmp_path):
+    """Two CPU processes (gloo): both complete and hold identical weights."""
+    check = tmp_path / "check.py"
+    check.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        "from maskformer_fast.train import Config, train, load_checkpoint\n"
+        f"cfg = Config(**{TINY!r})\n"
+        "import maskformer_fast.train as T\n"
+        "model_holder = {}\n"
+        "real_build = T.build\n"
+        "def build(*a, **k):\n"
+        "    out = real_build(*a, **k); model_holder['m'] = out[0]; return out\n"
+        "T.build = build\n"
+        "train(cfg, sys.argv[1], evaluate_at_end=False, progress=False)\n"
+        "flat = torch.cat([p.detach().flatten() for p in model_holder['m'].parameters()])\n"
+        "gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]\n"
+        "dist.all_gather(gathered, flat)\n"
+        "assert torch.equal(gathered[0], gathered[1]), 'ranks disagree'\n"
+        "print('rank', dist.get_rank(), 'agrees')\n"
+        "dist.destroy_process_group()\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+         str(check), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "rank 0 agrees" in out.stdout and "rank 1 agrees" in out.stdout
+    assert (tmp_path / "out" / "checkpoint.pt").exists()
