@@ -139,22 +139,23 @@ class HungarianMatcher(nn.Module):
     def match_layers(self, layers: Sequence[dict], targets: Sequence[dict], *,
                      check: bool = True) -> list[torch.Tensor]:
         """Matches several sets of outputs (e.g. every decoder layer: the last layer and
-        ``outputs["aux_outputs"]``) against the same targets in one cost computation and
-        one assignment call. Sampling points are drawn layer after layer, image after
+        ``outputs["aux_outputs"]``) against the same targets: one cost kernel call per layer
+        for the whole batch, one assignment call for all layers. Sampling points are drawn layer after layer, image after
         image, as the reference criteria draw them when they call their matcher once per
         layer in this order, so the indices are theirs. Returns one ``col4row [B, Q]`` per
         layer; ``check=False`` skips the (synchronising) check that every image got a
         complete matching."""
-        logits = torch.stack([o["pred_logits"] for o in layers])  # [L, B, Q, K+1]
-        masks = torch.stack([o["pred_masks"] for o in layers])  # [L, B, Q, h, w]
-        L, B, Q = logits.shape[:3]
+        L = len(layers)
+        B, Q = layers[0]["pred_logits"].shape[:2]
         if len(targets) != B:
             raise ValueError(f"{len(targets)} targets for a batch of {B} predictions")
-        device = masks.device
+        device = layers[0]["pred_masks"].device
         tgt_masks, tgt_labels, counts = pad_targets(targets, device)
         with torch.autocast(device.type, enabled=False):  # costs in fp32, as Mask2Former
-            cost = self._cost(masks.flatten(0, 1), logits.flatten(0, 1), tgt_masks, tgt_labels,
-                              counts, B)  # [L*B, Q, T], +inf beyond each image's targets
+            # one kernel call per layer (no copy of the layers' masks into one tensor), in
+            # the order the reference draws its sampling points
+            cost = torch.cat([self._cost(o["pred_masks"], o["pred_logits"], tgt_masks, tgt_labels, counts)
+                              for o in layers])  # [L*B, Q, T], +inf beyond each image's targets
         sizes = torch.stack([torch.full_like(counts, Q), counts], 1).repeat(L, 1)
         self._check_finite(cost, counts.repeat(L), B)
         result = batch_linear_sum_assignment(cost, sizes, errors="status")
@@ -167,17 +168,15 @@ class HungarianMatcher(nn.Module):
             )
         return list(result.col4row.view(L, B, Q).unbind(0))
 
-    def _cost(self, masks, logits, tgt_masks, tgt_labels, counts, B):
-        """The cost ``[N, Q, T]`` of N = L*B predictions (layer-major) against the padded
-        targets of their images."""
-        N = masks.shape[0]
-        pred, tgt = self._sample(masks, tgt_masks.repeat(N // B, 1, 1, 1))
+    def _cost(self, masks, logits, tgt_masks, tgt_labels, counts):
+        """The cost ``[B, Q, T]`` of one layer's predictions against the padded targets."""
+        pred, tgt = self._sample(masks, tgt_masks)
         return pairwise_mask_cost(
             pred,
             tgt,
-            counts.repeat(N // B).to(masks.device),
+            counts.to(masks.device),
             logits.float(),
-            tgt_labels.repeat(N // B, 1),
+            tgt_labels,
             w_class=self.cost_class,
             w_mask=self.cost_mask,
             w_dice=self.cost_dice,
@@ -186,24 +185,21 @@ class HungarianMatcher(nn.Module):
         )
 
     def _sample(self, pred: torch.Tensor, tgt: torch.Tensor):
-        """Predictions ``[N, Q, h, w]`` and targets ``[N, T, H, W]`` as ``[N, Q, P]`` and
-        ``[N, T, P]`` at the same pixels or points."""
-        N, _, h, w = pred.shape
+        """Predictions ``[B, Q, h, w]`` and targets ``[B, T, H, W]`` as ``[B, Q, P]`` and
+        ``[B, T, P]`` at the same pixels or points."""
+        B, _, h, w = pred.shape
+        T = tgt.shape[1]
         if self.num_points == 0:
             if tgt.shape[-2:] != (h, w):
-                tgt = F.interpolate(tgt, size=(h, w), mode="nearest") if tgt.shape[1] else tgt.new_zeros(N, 0, h, w)
+                tgt = F.interpolate(tgt, size=(h, w), mode="nearest") if T else tgt.new_zeros(B, 0, h, w)
             return pred.flatten(2).float(), tgt.flatten(2)
-        # One set of points per problem, drawn in the order the reference matchers draw
-        # them (each layer in turn, image after image), shared by the predictions and the
-        # targets of that problem.
+        # One set of points per image, drawn image after image as the reference matchers
+        # draw them, shared by the predictions and the targets of that image.
         device = self.generator.device if self.generator is not None else pred.device
         coords = torch.stack(
-            [torch.rand(self.num_points, 2, generator=self.generator, device=device) for _ in range(N)]
+            [torch.rand(self.num_points, 2, generator=self.generator, device=device) for _ in range(B)]
         ).to(pred.device)
-        if tgt.shape[1] == 0:
-            tgt_points = tgt.new_zeros(N, 0, self.num_points)
-        else:
-            tgt_points = point_sample(tgt, coords)
+        tgt_points = point_sample(tgt, coords) if T else tgt.new_zeros(B, 0, self.num_points)
         return point_sample(pred.float(), coords), tgt_points
 
     def _check_finite(self, cost: torch.Tensor, counts: torch.Tensor, B: int) -> None:
