@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
@@ -141,7 +142,8 @@ def train(cfg: Config, out: str, resume: bool = False, device: str | None = None
     per_rank = cfg.batch_size // world
     bad_steps = 0
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress or rank != 0,
-               desc=f"train {cfg.data}", dynamic_ncols=True)
+               desc=f"train {cfg.data}", dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 10.0)  # a log file gets a line per 10 s
     began = time.perf_counter()
     model.train()
     for step in bar:
