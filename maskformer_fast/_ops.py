@@ -17,10 +17,12 @@ try:
 except ImportError as exc:  # not built: the scipy fallback still works
     _LOAD_ERROR = exc
 
-STATUS_OK, STATUS_INFEASIBLE, STATUS_INVALID = 0, 1, 2
+STATUS_OK, STATUS_INFEASIBLE, STATUS_INVALID, STATUS_BAD_SIZES = 0, 1, 2, 3
 STATUS_MESSAGES = {
     STATUS_INFEASIBLE: "cost matrix is infeasible",
     STATUS_INVALID: "matrix contains invalid numeric entries",
+    # CUDA only: sizes are checked in the kernel (the CPU kernel raises before solving).
+    STATUS_BAD_SIZES: "sizes lie outside the padded [N, M] problem",
 }
 BACKENDS = ("auto", "cpu", "cuda", "scipy")
 

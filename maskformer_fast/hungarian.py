@@ -34,7 +34,7 @@ class BatchAssignment(NamedTuple):
     col4row: int64 ``[B, N]``, the column matched to each row, -1 for unmatched rows,
         padding rows and items that failed.
     status: int32 ``[B]``: 0 solved, 1 infeasible, 2 invalid entries (NaN, -inf, or +inf
-        under ``maximize``).
+        under ``maximize``), 3 sizes outside the padded problem (CUDA; the CPU raises).
     Both are torch tensors on the cost's device, or numpy arrays for a numpy cost.
     """
 
@@ -81,8 +81,9 @@ def _as_tensor(cost: ArrayLike, ndim: int, what: str) -> tuple[torch.Tensor, boo
         return torch.from_numpy(np.ascontiguousarray(arr)), True
 
 
-def _as_sizes(sizes, batch: int) -> torch.Tensor | None:
-    """sizes as an int64 [B, 2] CPU tensor; the op checks each item's range."""
+def _as_sizes(sizes, batch: int, device: torch.device) -> torch.Tensor | None:
+    """sizes as an int64 [B, 2] tensor on the cost's device. Only metadata is checked here
+    (no host sync); the op checks each item's range (the CUDA kernel reports status 3)."""
     if sizes is None:
         return None
     s = sizes if isinstance(sizes, torch.Tensor) else torch.as_tensor(np.asarray(sizes))
@@ -90,7 +91,7 @@ def _as_sizes(sizes, batch: int) -> torch.Tensor | None:
         raise TypeError(f"sizes must hold integers, got dtype {s.dtype}")
     if s.dim() != 2 or s.shape[0] != batch or s.shape[1] != 2:
         raise ValueError(f"sizes must have shape [B, 2] = [{batch}, 2], got {list(s.shape)}")
-    return s.to(device="cpu", dtype=torch.int64)
+    return s.to(device=device, dtype=torch.int64, non_blocking=True)
 
 
 def _raise_for_status(status: torch.Tensor, batched: bool) -> None:
@@ -133,7 +134,7 @@ def batch_linear_sum_assignment(
     if errors not in ("raise", "status"):
         raise ValueError(f"errors must be 'raise' or 'status', got {errors!r}")
     tensor, from_numpy = _as_tensor(cost, 3, "a batch of matrices (3-D array [B, N, M])")
-    size_t = _as_sizes(sizes, tensor.shape[0])
+    size_t = _as_sizes(sizes, tensor.shape[0], tensor.device)
     which = _ops.resolve_backend(backend, tensor.device)
     col4row, status = _ops.lsa(tensor, size_t, bool(maximize), which)
     if errors == "raise":

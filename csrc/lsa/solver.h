@@ -38,7 +38,9 @@ namespace lsa {
 constexpr double kInf = __builtin_huge_val();
 constexpr double kNaN = __builtin_nan("");
 
-enum Status : int32_t { kOk = 0, kInfeasible = 1, kInvalid = 2 };
+// kBadSizes: the item's sizes lie outside the padded problem (CUDA only: the CPU path
+// checks sizes on the host and raises).
+enum Status : int32_t { kOk = 0, kInfeasible = 1, kInvalid = 2, kBadSizes = 3 };
 
 // One candidate column of a Dijkstra step. Smaller is better.
 struct Key {

@@ -1,0 +1,143 @@
+// CUDA teams for lsa::solve (see solver.h for the team interface).
+//
+// WarpTeam:  the 32 lanes of one warp solve one problem; __syncwarp is the barrier.
+// BlockTeam: the whole block solves one problem; __syncthreads is the barrier.
+//
+// Both reduce exactly as lsa::SimulatedTeam (teams_cpu.h) emulates: each lane keeps
+// the best key of its columns k = rank, rank + size, ...; a __shfl_xor_sync butterfly
+// with offsets 16, 8, 4, 2, 1 combines a warp; in a block, lane 0 of warp w writes
+// scratch[w], one barrier, lane l of every warp reads scratch[l] (Key::none() past the
+// last warp) and butterflies again. The keys are strictly totally ordered, so the
+// winner is the same column whatever the order; the emulation makes the CPU tests
+// run the very reduction the GPU runs.
+//
+// Torch-free: this header is compiled once per architecture.
+#pragma once
+
+#include <cstdint>
+
+#include "solver.h"
+
+namespace lsa {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Every lane of the warp ends with the least key of the warp.
+__device__ __forceinline__ Key warp_min_key(Key best) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset >= 1; offset /= 2) {
+    const Key other{__shfl_xor_sync(kFullMask, best.value, offset),
+                    __shfl_xor_sync(kFullMask, best.tie, offset),
+                    __shfl_xor_sync(kFullMask, best.col, offset)};
+    best = min_key(best, other);
+  }
+  return best;
+}
+
+// The lane's own best key over k = first, first + stride, ... < n; relax(k) runs
+// before val[k] is read, once per k (the lane owns column k for this step).
+template <class Relax, class Tie>
+__device__ __forceinline__ Key lane_min_key(int32_t first, int32_t stride, int32_t n, Relax& relax,
+                                            const double* val, Tie& tie) {
+  Key best = Key::none();
+#pragma unroll 1
+  for (int32_t k = first; k < n; k += stride) {
+    relax(k);
+    const double x = val[k];
+    if (x <= best.value) best = min_key(best, Key{x, tie(k), k});  // NaN: no candidate
+  }
+  return best;
+}
+
+// Whether pred(i, j) holds anywhere in a rows x cols block, this lane taking the
+// flat indices rank, rank + stride, ... (as SimulatedTeam::any).
+template <class Pred>
+__device__ __forceinline__ bool lane_any(int32_t rank, int32_t stride, int32_t rows, int32_t cols,
+                                         Pred& pred) {
+  if (rows == 0 || cols == 0) return false;
+  bool found = false;
+  int64_t i = rank / cols, j = rank % cols;
+  while (i < rows) {
+    found = found || pred(int32_t(i), int32_t(j));
+    j += stride;
+    while (j >= cols) {
+      j -= cols;
+      ++i;
+    }
+  }
+  return found;
+}
+
+class WarpTeam {
+ public:
+  static constexpr int size = kWarpSize;
+
+  __device__ explicit WarpTeam(int lane) : lane_(lane) {}
+
+  __device__ __forceinline__ bool leader() const { return lane_ == 0; }
+  __device__ __forceinline__ void sync() const { __syncwarp(); }
+
+  template <class F>
+  __device__ __forceinline__ void for_each(int32_t n, F&& f) const {
+#pragma unroll 1
+    for (int32_t k = lane_; k < n; k += size) f(k);
+  }
+
+  template <class Pred>
+  __device__ __forceinline__ bool any(int32_t rows, int32_t cols, Pred&& pred) const {
+    return __any_sync(kFullMask, lane_any(lane_, size, rows, cols, pred));
+  }
+
+  template <class Relax, class Tie>
+  __device__ __forceinline__ Key argmin(int32_t n, Relax&& relax, const double* val,
+                                        Tie&& tie) const {
+    return warp_min_key(lane_min_key(lane_, size, n, relax, val, tie));
+  }
+
+ private:
+  int lane_;
+};
+
+// `scratch` is 2 x 32 keys of shared memory. Argmin alternates between its halves, so
+// one barrier per argmin suffices: a warp can only write a half again after passing
+// the next argmin's barrier, which every lane reaches after reading that half.
+class BlockTeam {
+ public:
+  __device__ BlockTeam(Key* scratch)
+      : size(int(blockDim.x)), rank_(int(threadIdx.x)), scratch_(scratch), half_(0) {}
+
+  const int size;  // a multiple of 32, at most 1024
+
+  __device__ __forceinline__ bool leader() const { return rank_ == 0; }
+  __device__ __forceinline__ void sync() const { __syncthreads(); }
+
+  template <class F>
+  __device__ __forceinline__ void for_each(int32_t n, F&& f) const {
+#pragma unroll 1
+    for (int32_t k = rank_; k < n; k += size) f(k);
+  }
+
+  template <class Pred>
+  __device__ __forceinline__ bool any(int32_t rows, int32_t cols, Pred&& pred) const {
+    return __syncthreads_or(lane_any(rank_, size, rows, cols, pred)) != 0;
+  }
+
+  template <class Relax, class Tie>
+  __device__ __forceinline__ Key argmin(int32_t n, Relax&& relax, const double* val, Tie&& tie) {
+    const Key best = warp_min_key(lane_min_key(rank_, size, n, relax, val, tie));
+    Key* half = scratch_ + half_ * kWarpSize;
+    half_ ^= 1;
+    const int lane = rank_ % kWarpSize, warps = size / kWarpSize;
+    if (lane == 0) half[rank_ / kWarpSize] = best;
+    __syncthreads();
+    return warp_min_key(lane < warps ? half[lane] : Key::none());
+  }
+
+ private:
+  int rank_;
+  Key* scratch_;
+  int half_;
+};
+
+}  // namespace lsa

@@ -1,0 +1,216 @@
+"""One-command GPU self-check of the assignment solver: ``python -m maskformer_fast.selfcheck``.
+
+On a machine with a CUDA GPU it checks parity (CUDA vs this library's CPU path vs scipy,
+index for index, and CUDA vs CPU dual for dual) on a corpus of hard cases, then prints a
+timing table: median milliseconds (CUDA events for the GPU paths, wall clock for the
+host ones, warm-up first) of the scipy loop (``.cpu()`` included), this library's CPU
+path (``.cpu()`` included), its CUDA path and, when installed, torch-linear-assignment,
+with the device name and the speed-up of the CUDA path over each. Without a GPU it says
+so and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+import scipy.optimize
+import torch
+
+
+class Case(NamedTuple):
+    """One batch of the parity corpus: cost [B, N, M] (CPU), sizes [B, 2] int64 or None."""
+
+    name: str
+    cost: torch.Tensor
+    sizes: torch.Tensor | None
+    maximize: bool
+
+
+def corpus(seed: int = 0) -> list[Case]:
+    """Random floats, heavy ties, constants, forbidden (+inf) edges, invalid entries, both
+    orientations, ragged sizes and maximisation; widths on both sides of the warp/block
+    threshold (1024 columns)."""
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for n, m in [(5, 9), (9, 5), (40, 40), (30, 70), (70, 30), (3, 1100), (1100, 3)]:
+        batch = 4 if n * m < 10_000 else 2
+        cases.append(Case(f"uniform {n}x{m}", torch.rand(batch, n, m, generator=g), None, False))
+        ties = torch.randint(0, 4, (batch, n, m), generator=g).double()
+        cases.append(Case(f"ties [0,4) {n}x{m}", ties, None, False))
+        cases.append(Case(f"ties max {n}x{m}", ties, None, True))
+    cases.append(Case("constant 16x16", torch.full((3, 16, 16), 2.5), None, False))
+    cases.append(Case("constant 12x20", torch.full((3, 12, 20), -1.0), None, False))
+    forbidden = torch.rand(8, 20, 30, generator=g, dtype=torch.float64)
+    forbidden[torch.rand(forbidden.shape, generator=g) < 0.6] = float("inf")
+    cases.append(Case("+inf edges 20x30 (some infeasible)", forbidden, None, False))
+    cases.append(Case("+inf edges 30x20 (some infeasible)", forbidden.transpose(1, 2), None, False))
+    cases.append(Case("+inf under maximize (invalid)", forbidden, None, True))
+    bad = torch.rand(3, 6, 6, generator=g)
+    bad[0, 2, 3], bad[1, 0, 0] = float("nan"), float("-inf")
+    cases.append(Case("NaN / -inf (invalid)", bad, None, False))
+    ragged = torch.rand(16, 40, 25, generator=g) * 10
+    sizes = torch.stack(
+        [torch.randint(0, 41, (16,), generator=g), torch.randint(0, 26, (16,), generator=g)], 1
+    )
+    cases.append(Case("ragged 40x25", ragged.floor(), sizes, False))
+    cases.append(Case("ragged 40x25 maximize", ragged, sizes, True))
+    return cases
+
+
+def scipy_item(cost: np.ndarray, maximize: bool) -> tuple[np.ndarray, int]:
+    """col4row of one item as scipy solves it (-1 unmatched) and the status it implies."""
+    col4row = np.full(cost.shape[0], -1, dtype=np.int64)
+    try:
+        rows, cols = scipy.optimize.linear_sum_assignment(cost, maximize=maximize)
+    except ValueError as exc:
+        return col4row, 1 if "infeasible" in str(exc) else 2
+    col4row[rows] = cols
+    return col4row, 0
+
+
+def check_parity(cases: list[Case], device: str) -> list[str]:
+    """Differences between the `device` kernel, the CPU kernel (indices, status, duals
+    bit for bit) and scipy (indices, status); an empty list when all agree."""
+    op, duals = torch.ops.maskformer_fast.lsa, torch.ops.maskformer_fast.lsa_duals
+    failures = []
+    for case in cases:
+        sizes_dev = case.sizes.to(device) if case.sizes is not None else None
+        got = [t.cpu() for t in duals(case.cost.to(device), sizes_dev, case.maximize, 1)]
+        want = duals(case.cost, case.sizes, case.maximize, 1)
+        for name, a, b in zip(("col4row", "status", "u", "v"), got, want):
+            if a.is_floating_point():  # bit for bit
+                a, b = a.view(torch.int64), b.view(torch.int64)
+            if not torch.equal(a, b):
+                failures.append(f"{case.name}: {name} differs between {device} and cpu")
+        col4row, status = (t.cpu() for t in op(case.cost.to(device), sizes_dev, case.maximize))
+        if not (torch.equal(col4row, got[0]) and torch.equal(status, got[1])):
+            failures.append(f"{case.name}: lsa and lsa_duals disagree on {device}")
+        host = case.cost.double().numpy()
+        for b in range(host.shape[0]):
+            n, m = case.sizes[b].tolist() if case.sizes is not None else host.shape[1:]
+            ref, ref_status = scipy_item(host[b, :n, :m], case.maximize)
+            if int(status[b]) != ref_status or not np.array_equal(col4row[b, :n].numpy(), ref):
+                failures.append(f"{case.name}: item {b} differs from scipy")
+    return failures
+
+
+def median_ms(
+    fn: Callable[[], object], cuda: bool, budget_s: float = 2.0, max_reps: int = 20
+) -> float:
+    """Median time of fn() in ms after one warm-up call: CUDA events when `cuda`, else the
+    wall clock; at least 3 repetitions, more while within `budget_s`."""
+    fn()
+    times: list[float] = []
+    start_all = time.perf_counter()
+    while len(times) < 3 or (len(times) < max_reps and time.perf_counter() - start_all < budget_s):
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+COLUMNS = ("scipy loop", "maskformer_fast cpu", "maskformer_fast cuda", "torch-linear-assignment")
+
+
+def format_table(device: str, rows: list[tuple[str, dict[str, float | None]]]) -> str:
+    """A markdown table of median ms per case and solver (None: not run), with the speed-up
+    of the CUDA path over each other solver."""
+    others = [c for c in COLUMNS if c != "maskformer_fast cuda"]
+    head = ["case", *COLUMNS, *(f"{c} / cuda" for c in others)]
+    lines = [f"Device: {device} (median ms)", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+    for case, times in rows:
+        cuda = times.get("maskformer_fast cuda")
+        cells = [case] + [f"{times[c]:.3f}" if times.get(c) is not None else "n/a" for c in COLUMNS]
+        for c in others:
+            ok = cuda and times.get(c) is not None
+            cells.append(f"{times[c] / cuda:.1f}x" if ok else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def timing_cases(g: torch.Generator) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """The benchmark shapes (float32 uniform): DETR-like batches, a ragged batch, and
+    single large problems."""
+    ragged_m = torch.randint(1, 21, (32,), generator=g)
+    return [
+        ("B=208 300x100", torch.rand(208, 300, 100, generator=g), None),
+        ("B=208 300x300", torch.rand(208, 300, 300, generator=g), None),
+        ("B=208 300x600", torch.rand(208, 300, 600, generator=g), None),
+        ("B=32 100x[1,20] ragged", torch.rand(32, 100, 20, generator=g),
+         torch.stack([torch.full((32,), 100), ragged_m], 1)),
+        ("1000x1000", torch.rand(1, 1000, 1000, generator=g), None),
+        ("2000x2000", torch.rand(1, 2000, 2000, generator=g), None),
+    ]
+
+
+def time_all(device: str) -> list[tuple[str, dict[str, float | None]]]:
+    try:
+        from torch_linear_assignment import batch_linear_assignment
+    except ImportError:
+        batch_linear_assignment = None
+    op = torch.ops.maskformer_fast.lsa
+    rows = []
+    for name, cost, sizes in timing_cases(torch.Generator().manual_seed(1)):
+        gpu, gpu_sizes = cost.to(device), sizes.to(device) if sizes is not None else None
+        shape = sizes.tolist() if sizes is not None else [cost.shape[1:]] * cost.shape[0]
+
+        def scipy_loop():
+            host = gpu.cpu().numpy()
+            for b, (n, m) in enumerate(shape):
+                scipy.optimize.linear_sum_assignment(host[b, :n, :m])
+
+        times = {
+            "scipy loop": median_ms(scipy_loop, cuda=False),
+            "maskformer_fast cpu": median_ms(lambda: op(gpu.cpu(), sizes, False), cuda=False),
+            "maskformer_fast cuda": median_ms(lambda: op(gpu, gpu_sizes, False), cuda=True),
+            "torch-linear-assignment": None,
+        }
+        if batch_linear_assignment is not None and sizes is None:
+            tla = median_ms(lambda: batch_linear_assignment(gpu), cuda=True)
+            times["torch-linear-assignment"] = tla
+        rows.append((name, times))
+        print(f"  timed {name}", flush=True)
+    return rows
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("maskformer_fast.selfcheck needs a CUDA GPU: torch.cuda.is_available() is False "
+              f"(torch {torch.__version__}, CUDA build {torch.version.cuda}). Nothing was checked.")
+        return 1
+    from maskformer_fast import _ops
+
+    if not _ops.has_kernel("cuda"):
+        print("maskformer_fast.selfcheck: the built extension has no CUDA kernel "
+              f"({_ops._LOAD_ERROR}); rebuild it with `pip install -e . --no-build-isolation` "
+              "where nvcc is found.")
+        return 1
+    device = "cuda"
+    name = torch.cuda.get_device_name()
+    print(f"maskformer_fast self-check on {name}, torch {torch.__version__}")
+    cases = corpus()
+    failures = check_parity(cases, device)
+    if failures:
+        print("PARITY FAILED:\n  " + "\n  ".join(failures))
+        return 2
+    print(f"parity: CUDA == CPU (indices, status, duals bit for bit) == scipy, {len(cases)} cases")
+    print(format_table(name, time_all(device)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
