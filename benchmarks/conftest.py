@@ -23,21 +23,35 @@ def machine_name() -> str:
 
 
 class Table:
-    """Collects the median time of each (case, solver) and prints ratio tables at the end."""
+    """Collects one number per (table, case, implementation): the median time of a benchmark
+    or another measured value (peak memory), and prints ratio tables at the end."""
+
+    UNITS = {  # unit: (scale of the stored value, what the table shows)
+        "ms": (1e3, "median ms"),  # stored in seconds
+        "MB": (1e-6, "peak MB allocated during the call"),  # bytes
+        "GB/s": (1e-9, "GB/s: the least bytes the kernel must move / median time"),  # bytes per second
+    }
 
     def __init__(self):
         self.rows: dict[str, dict[str, dict[str, float]]] = {}
+        self.units: dict[str, str] = {}
 
     def add(self, table: str, case: str, solver: str, benchmark) -> None:
         if benchmark.disabled or benchmark.stats is None:
             return
-        self.rows.setdefault(table, {}).setdefault(case, {})[solver] = benchmark.stats.stats.median
+        self.add_value(table, case, solver, benchmark.stats.stats.median, "ms")
+
+    def add_value(self, table: str, case: str, solver: str, value: float, unit: str) -> None:
+        """`value` in the stored unit of `unit` (see UNITS)."""
+        self.units[table] = unit
+        self.rows.setdefault(table, {}).setdefault(case, {})[solver] = value
 
     def render(self) -> list[str]:
         lines = []
         for table, cases in self.rows.items():
+            scale, what = self.UNITS[self.units[table]]
             solvers = list(dict.fromkeys(s for row in cases.values() for s in row))
-            lines += ["", f"## {table} (median ms; ratio = other / maskformer_fast)", ""]
+            lines += ["", f"## {table} ({what}; ratio = other / maskformer_fast)", ""]
             lines.append("| case | " + " | ".join(solvers) + " |")
             lines.append("|---" * (len(solvers) + 1) + "|")
             for case, row in cases.items():
@@ -48,9 +62,9 @@ class Table:
                     if t is None:
                         cells.append("")
                     elif ours and s != "maskformer_fast":
-                        cells.append(f"{1e3 * t:.3g} ({t / ours:.1f}x)")
+                        cells.append(f"{scale * t:.3g} ({t / ours:.1f}x)")
                     else:
-                        cells.append(f"{1e3 * t:.3g}")
+                        cells.append(f"{scale * t:.3g}")
                 lines.append(f"| {case} | " + " | ".join(cells) + " |")
         return lines
 

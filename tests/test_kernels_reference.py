@@ -1,11 +1,30 @@
-"""The torch references of maskformer_fast.kernels against a direct float64 evaluation of
-the published formulas, image by image and pair by pair."""
+"""maskformer_fast.kernels against a direct float64 evaluation of the published formulas,
+image by image and pair by pair: the torch references (the CPU path), the Triton kernels
+through Triton's interpreter on the CPU (conftest.py sets TRITON_INTERPRET=1 when there is no
+GPU), and the Triton kernels on a GPU (marked cuda; skipped without one).
+
+Tolerances: the cost kernels compute in fp32 (their GPU dots use tf32x3, about fp32 accuracy),
+so 1e-5 on costs of order 1. The einsum on a GPU uses TF32 for fp32 inputs (as torch does when
+TF32 is allowed): 2e-2 there, from TF32's 2^-11 relative rounding over C products.
+"""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from maskformer_fast.kernels import mask_cost_from_embeddings, mask_einsum, pairwise_mask_cost
 from maskformer_fast.kernels import reference
+
+cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+IMPLS = [
+    pytest.param("torch", "cpu", id="torch"),
+    pytest.param("triton", "cpu", id="triton-interpreter"),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=cuda),
+]
+COST_TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def direct_cost(x, y, counts, logits, labels, w_class, w_mask, w_dice, mask_cost):
@@ -40,9 +59,15 @@ def batch(g, B=3, Q=5, T=4, P=37, K=4, dtype=torch.float32):
     return x, y, counts, logits, labels
 
 
+# (B, Q, T, P): ragged counts in every case; T > Q; T = 0; more queries than a tile (32) and
+# P not a multiple of the pixel tile (32); more targets than a tile (128).
+SHAPES = [(3, 5, 4, 37), (2, 3, 7, 64), (2, 4, 0, 10), (1, 1, 1, 1), (2, 40, 20, 70), (1, 3, 130, 5)]
+
+
+@pytest.mark.parametrize("backend,device", IMPLS)
 @pytest.mark.parametrize("mask_cost", ["bce", "focal"])
-@pytest.mark.parametrize("shape", [(3, 5, 4, 37), (2, 3, 7, 64), (2, 4, 0, 10), (1, 1, 1, 1)])
-def test_pairwise_cost_equals_formulas(mask_cost, shape, monkeypatch):
+@pytest.mark.parametrize("shape", SHAPES)
+def test_pairwise_cost_equals_formulas(backend, device, mask_cost, shape, monkeypatch):
     B, Q, T, P = shape
     g = torch.Generator().manual_seed(B * 100 + T)
     x, y, counts, logits, labels = batch(g, B, Q, T, P)
@@ -50,49 +75,102 @@ def test_pairwise_cost_equals_formulas(mask_cost, shape, monkeypatch):
     y_padded = y.clone()
     for b in range(B):
         y_padded[b, int(counts[b]):] = float("nan")  # padding never makes NaN
-    got = pairwise_mask_cost(x, y_padded, counts, logits, labels, w_class=2.0, w_mask=5.0, w_dice=3.0,
-                             mask_cost=mask_cost)
+    on = dict(device=device)
+    got = pairwise_mask_cost(x.to(**on), y_padded.to(**on), counts.to(**on), logits.to(**on), labels.to(**on),
+                             w_class=2.0, w_mask=5.0, w_dice=3.0, mask_cost=mask_cost, backend=backend)
     want = direct_cost(x, y, counts, logits, labels, 2.0, 5.0, 3.0, mask_cost)
-    assert got.dtype == torch.float32 and got.shape == (B, Q, T)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert got.dtype == torch.float32 and got.shape == (B, Q, T) and got.device.type == device
+    torch.testing.assert_close(got.cpu().double(), want, **COST_TOL)
 
 
-def test_half_precision_inputs_and_no_class_term():
+@pytest.mark.parametrize("backend,device", IMPLS)
+@pytest.mark.parametrize("mask_cost", ["bce", "focal"])
+def test_half_precision_strided_inputs_and_no_class_term(backend, device, mask_cost):
+    """fp16 logits, bool targets, both read through non-contiguous views."""
     g = torch.Generator().manual_seed(1)
     x, y, counts, _, _ = batch(g, dtype=torch.float16)
-    got = pairwise_mask_cost(x, y.bool(), counts, w_mask=1.0, w_dice=1.0)
-    want = direct_cost(x.float(), y, counts, None, None, 0.0, 1.0, 1.0, "bce")
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    x_t = x.to(device).transpose(1, 2).contiguous().transpose(1, 2)  # [B, Q, P] with P-stride Q
+    y_s = torch.stack([y, y], -1).bool().to(device)[..., 0]  # every other element
+    assert not x_t.is_contiguous() and not y_s.is_contiguous()
+    got = pairwise_mask_cost(x_t, y_s, counts.to(device), w_mask=1.0, w_dice=1.0, mask_cost=mask_cost,
+                             backend=backend)
+    want = direct_cost(x.float(), y, counts, None, None, 0.0, 1.0, 1.0, mask_cost)
+    torch.testing.assert_close(got.cpu().double(), want, **COST_TOL)
 
 
-def test_cost_from_embeddings_equals_cost_of_einsum(monkeypatch):
+@pytest.mark.parametrize("backend,device", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 6, 8, 9, 7, 5), (1, 35, 40, 5, 11, 3), (2, 3, 4, 2, 2, 0)])
+def test_cost_from_embeddings_equals_cost_of_einsum(backend, device, dtype, shape, monkeypatch):
+    """(B, Q, C, H, W, T): C and H * W not multiples of the tiles, Q over a tile, T = 0."""
     g = torch.Generator().manual_seed(2)
-    B, Q, C, H, W, T = 2, 6, 8, 9, 7, 5
-    embed = torch.randn(B, Q, C, generator=g)
-    feat = torch.randn(B, C, H, W, generator=g)
+    B, Q, C, H, W, T = shape
+    embed = (torch.randn(B, Q, C, generator=g) / C**0.5).to(dtype)
+    feat = torch.randn(B, C, H, W, generator=g).to(dtype)
     tgt = (torch.rand(B, T, H, W, generator=g) < 0.4).float()
-    counts = torch.tensor([5, 2])
-    logits, labels = torch.randn(B, Q, 3, generator=g), torch.randint(0, 2, (B, T), generator=g)
+    counts = torch.randint(0, T + 1, (B,), generator=g)
+    logits, labels = torch.randn(B, Q, 3, generator=g), torch.randint(0, 3, (B, T), generator=g)
     monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 2 * B * Q)
+    x = torch.einsum("bqc,bchw->bqhw", embed.double(), feat.double()).flatten(2)
     for mask_cost in ("bce", "focal"):
-        got = mask_cost_from_embeddings(embed, feat, tgt, counts, logits, labels, mask_cost=mask_cost)
-        x = torch.einsum("bqc,bchw->bqhw", embed.double(), feat.double()).flatten(2)
+        got = mask_cost_from_embeddings(*(t.to(device) for t in (embed, feat, tgt, counts, logits, labels)),
+                                        mask_cost=mask_cost, backend=backend)
         want = direct_cost(x, tgt.flatten(2), counts, logits, labels, 1.0, 1.0, 1.0, mask_cost)
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.cpu().double(), want, **COST_TOL)
 
 
-def test_mask_einsum_values_and_gradients():
+@pytest.mark.parametrize("backend,device", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 6, 4), (1, 33, 40, 9, 13), (2, 0, 3, 2, 2), (1, 2, 0, 3, 3)])
+def test_mask_einsum_values_and_gradients(backend, device, dtype, shape):
+    """(B, T, C, H, W): every dimension off the tiles (32 x 64 x 32), T = 0, C = 0; the
+    gradients of both inputs against torch autograd of the float64 einsum."""
+    B, T, C, H, W = shape
     g = torch.Generator().manual_seed(3)
-    embed = torch.randn(2, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
-    feat = torch.randn(2, 7, 6, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    out = mask_einsum(embed, feat)
-    ref = torch.einsum("btc,bchw->bthw", embed, feat)
-    torch.testing.assert_close(out, ref)
-    grad = torch.randn_like(out)
-    ga = torch.autograd.grad(out, (embed, feat), grad)
-    gb = torch.autograd.grad(ref, (embed, feat), grad)
-    for a, b in zip(ga, gb):
-        torch.testing.assert_close(a, b)
+    embed = torch.randn(B, T, C, generator=g).to(dtype)
+    feat = torch.randn(B, C, H, W, generator=g).to(dtype)
+    grad = torch.randn(B, T, H, W, generator=g).to(dtype)
+    leaves = [t.to(device).requires_grad_() for t in (embed, feat)]
+    out = mask_einsum(*leaves, backend=backend)
+    got = (out, *torch.autograd.grad(out, leaves, grad.to(device)))
+    ref_leaves = [t.double().requires_grad_() for t in (embed, feat)]
+    ref = torch.einsum("btc,bchw->bthw", *ref_leaves)
+    want = (ref, *torch.autograd.grad(ref, ref_leaves, grad.double()))
+    # fp16 results are rounded to fp16 (2^-11 relative); on a GPU fp32 dots use TF32 (2^-11)
+    tol = 2e-2 if dtype == torch.float16 or device == "cuda" else 1e-5
+    for a, b in zip(got, want):
+        assert a.dtype == dtype and a.device.type == device
+        torch.testing.assert_close(a.cpu().double(), b, rtol=tol, atol=tol * max(C, T, H * W) ** 0.5)
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter():
+    """Without TRITON_INTERPRET=1, backend="triton" on CPU tensors is a clear error."""
+    code = ("import torch; from maskformer_fast.kernels import mask_einsum\n"
+            "try:\n    mask_einsum(torch.randn(1, 2, 3), torch.randn(1, 3, 4, 4), backend='triton')\n"
+            "except RuntimeError as e:\n    print(e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert "needs CUDA tensors" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+    # and "auto" on CPU tensors is the torch reference, with no Triton at all
+    assert mask_einsum(torch.ones(1, 2, 3), torch.ones(1, 3, 4, 4)).eq(3).all()
+
+
+@pytest.mark.parametrize("backend,device", IMPLS)
+def test_invalid_labels_give_nan_and_padding_never_read(backend, device):
+    """A label outside [0, K] of a valid target is NaN (the matcher reports it); padding
+    targets and their labels are never read."""
+    g = torch.Generator().manual_seed(4)
+    x, y, _, logits, labels = batch(g, B=2, Q=3, T=4, K=4)
+    counts = torch.tensor([2, 3])
+    labels[0, 1] = 5 + 7  # valid target, label > K
+    labels[1, 0] = -1
+    labels[1, 3] = 10**6  # padding: never read
+    y[1, 3] = float("nan")
+    on = [t.to(device) for t in (x, y, counts, logits, labels)]
+    got = pairwise_mask_cost(*on, backend=backend).cpu()
+    assert got[0, :, 1].isnan().all() and got[1, :, 0].isnan().all()
+    assert got[0, :, 0].isfinite().all() and got[1, :, 1:3].isfinite().all()
+    assert got[0, :, 2:].isinf().all() and got[1, :, 3].isinf().all()
 
 
 def test_kernel_input_errors():

@@ -6,11 +6,16 @@
   pixel feature, without materialising the ``[B, Q, H, W]`` logits.
 - :func:`mask_einsum`: ``"b t c, b c h w -> b t h w"``, differentiable.
 
-``backend``: "auto" (the default) or "torch" run the torch references in
-:mod:`maskformer_fast.kernels.reference`.
+``backend``: "auto" (the default) runs the Triton kernels (``triton_cost.py``,
+``triton_einsum.py``) on CUDA tensors and the torch references
+(:mod:`maskformer_fast.kernels.reference`) on CPU tensors; "triton" or "torch" force one.
+"triton" on CPU tensors runs Triton's interpreter, and only when ``TRITON_INTERPRET=1`` was
+set before the kernels were first used (slow: for tests).
 """
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 
@@ -20,13 +25,40 @@ from maskformer_fast.kernels.reference import (
     pairwise_mask_cost_torch,
 )
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "triton", "torch")
 MASK_COSTS = ("bce", "focal")
 
 
-def _check_backend(backend: str) -> None:
+def _triton(name: str):
+    """The Triton kernel module `name`, imported on first use (importing Triton is slow, and
+    its ``@triton.jit`` reads ``TRITON_INTERPRET`` at that moment)."""
+    try:
+        return importlib.import_module(f"maskformer_fast.kernels.{name}")
+    except ImportError as exc:
+        raise RuntimeError(f"maskformer_fast.kernels: the Triton kernels need triton ({exc})") from exc
+
+
+def _triton_impl(backend: str, name: str, module: str, *tensors: torch.Tensor | None):
+    """The Triton module that runs `name` on `tensors` (which must share a device), or None
+    for the torch reference."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"{name}: tensors on several devices: {sorted(map(str, devices))}")
+    device = devices.pop()
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return None
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"{name}: backend='triton' needs CUDA tensors, got {device.type} tensors")
+    impl = _triton(module)
+    if device.type == "cpu" and not impl.INTERPRETED:
+        raise RuntimeError(
+            f"{name}: backend='triton' needs CUDA tensors; on CPU tensors Triton runs only through "
+            "its interpreter, which TRITON_INTERPRET=1 turns on when set before the kernels are "
+            "first used (slow; for tests). Use backend='auto' or 'torch' on the CPU."
+        )
+    return impl
 
 
 def _check_cost_args(name, B, Q, T, tgt_counts, class_logits, tgt_labels, mask_cost):
@@ -58,7 +90,6 @@ def pairwise_mask_cost(mask_logits: torch.Tensor, tgt_masks: torch.Tensor, tgt_c
             ``-softmax(class_logits)[q, label_t]``; omit both for no class term.
         w_class, w_mask, w_dice: weights; mask_cost: "bce" or "focal" (alpha 0.25, gamma 2).
     """
-    _check_backend(backend)
     if mask_logits.dim() != 3 or tgt_masks.dim() != 3 or tgt_masks.shape[0] != mask_logits.shape[0] \
             or tgt_masks.shape[2] != mask_logits.shape[2]:
         raise ValueError(f"pairwise_mask_cost: mask_logits [B, Q, P] and tgt_masks [B, T, P] must agree, got "
@@ -66,8 +97,11 @@ def pairwise_mask_cost(mask_logits: torch.Tensor, tgt_masks: torch.Tensor, tgt_c
     B, Q, _ = mask_logits.shape
     _check_cost_args("pairwise_mask_cost", B, Q, tgt_masks.shape[1], tgt_counts, class_logits, tgt_labels,
                      mask_cost)
-    return pairwise_mask_cost_torch(mask_logits, tgt_masks, tgt_counts, class_logits, tgt_labels,
-                                    w_class=w_class, w_mask=w_mask, w_dice=w_dice, mask_cost=mask_cost)
+    triton = _triton_impl(backend, "pairwise_mask_cost", "triton_cost", mask_logits, tgt_masks, tgt_counts,
+                          class_logits, tgt_labels)
+    impl = triton.pairwise_mask_cost_triton if triton else pairwise_mask_cost_torch
+    return impl(mask_logits, tgt_masks, tgt_counts, class_logits, tgt_labels,
+                w_class=w_class, w_mask=w_mask, w_dice=w_dice, mask_cost=mask_cost)
 
 
 def mask_cost_from_embeddings(mask_embed: torch.Tensor, pixel_feat: torch.Tensor, tgt_masks: torch.Tensor,
@@ -77,7 +111,6 @@ def mask_cost_from_embeddings(mask_embed: torch.Tensor, pixel_feat: torch.Tensor
                               backend: str = "auto") -> torch.Tensor:
     """:func:`pairwise_mask_cost` of the logits ``einsum("bqc,bchw->bqhw", mask_embed,
     pixel_feat)`` against ``tgt_masks [B, T, H, W]``, never materialising the logits."""
-    _check_backend(backend)
     if mask_embed.dim() != 3 or pixel_feat.dim() != 4 or tgt_masks.dim() != 4:
         raise ValueError("mask_cost_from_embeddings: expected mask_embed [B, Q, C], pixel_feat [B, C, H, W], "
                          f"tgt_masks [B, T, H, W]; got {list(mask_embed.shape)}, {list(pixel_feat.shape)}, "
@@ -88,19 +121,31 @@ def mask_cost_from_embeddings(mask_embed: torch.Tensor, pixel_feat: torch.Tensor
                          f"{list(pixel_feat.shape)}, {list(tgt_masks.shape)}")
     _check_cost_args("mask_cost_from_embeddings", B, Q, tgt_masks.shape[1], tgt_counts, class_logits, tgt_labels,
                      mask_cost)
-    return mask_cost_from_embeddings_torch(mask_embed, pixel_feat, tgt_masks, tgt_counts, class_logits,
-                                           tgt_labels, w_class=w_class, w_mask=w_mask, w_dice=w_dice,
-                                           mask_cost=mask_cost)
+    triton = _triton_impl(backend, "mask_cost_from_embeddings", "triton_cost", mask_embed, pixel_feat, tgt_masks,
+                          tgt_counts, class_logits, tgt_labels)
+    impl = triton.mask_cost_from_embeddings_triton if triton else mask_cost_from_embeddings_torch
+    return impl(mask_embed, pixel_feat, tgt_masks, tgt_counts, class_logits, tgt_labels,
+                w_class=w_class, w_mask=w_mask, w_dice=w_dice, mask_cost=mask_cost)
 
 
 def mask_einsum(mask_embed: torch.Tensor, pixel_feat: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """``einsum("b t c, b c h w -> b t h w")``: ``[B, T, C]`` x ``[B, C, H, W]`` -> ``[B, T, H, W]``."""
-    _check_backend(backend)
+    """``einsum("b t c, b c h w -> b t h w")``: ``[B, T, C]`` x ``[B, C, H, W]`` -> ``[B, T, H, W]``,
+    differentiable. Mixed dtypes are promoted; under CUDA autocast both inputs take the
+    autocast dtype, as a matmul would."""
     if mask_embed.dim() != 3 or pixel_feat.dim() != 4 or mask_embed.shape[0] != pixel_feat.shape[0] \
             or mask_embed.shape[2] != pixel_feat.shape[1]:
         raise ValueError(f"mask_einsum: expected [B, T, C] and [B, C, H, W], got {list(mask_embed.shape)} and "
                          f"{list(pixel_feat.shape)}")
-    return mask_einsum_torch(mask_embed, pixel_feat)
+    triton = _triton_impl(backend, "mask_einsum", "triton_einsum", mask_embed, pixel_feat)
+    if triton is None:
+        return mask_einsum_torch(mask_embed, pixel_feat)
+    if mask_embed.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+    else:
+        dtype = torch.promote_types(mask_embed.dtype, pixel_feat.dtype)
+    if dtype not in triton.DTYPES:
+        raise TypeError(f"mask_einsum: the Triton kernel takes {triton.DTYPES} inputs, got {dtype}")
+    return triton.mask_einsum_triton(mask_embed.to(dtype), pixel_feat.to(dtype))
 
 
 __all__ = ["mask_cost_from_embeddings", "mask_einsum", "pairwise_mask_cost"]

@@ -45,8 +45,12 @@ def _finish(acc, P, class_logits, tgt_labels, tgt_counts, w_class, w_mask, w_dic
     cost = w_mask * mask + w_dice * dice
     if class_logits is not None and w_class != 0 and cost.shape[-1]:
         prob = class_logits.float().softmax(-1)
-        labels = tgt_labels.clamp(0, prob.shape[-1] - 1)  # padding labels may be anything
-        cost = cost - w_class * torch.gather(prob, 2, labels[:, None, :].expand(-1, cost.shape[1], -1))
+        K1 = prob.shape[-1]
+        labels = tgt_labels.to(cost.device)
+        picked = torch.gather(prob, 2, labels.clamp(0, K1 - 1)[:, None, :].expand(-1, cost.shape[1], -1))
+        # a label outside [0, K] is NaN (padding labels may be anything: +inf below)
+        picked = picked.masked_fill(((labels < 0) | (labels >= K1))[:, None, :], float("nan"))
+        cost = cost - w_class * picked
     if tgt_counts is not None:
         T = cost.shape[-1]
         padding = torch.arange(T, device=cost.device) >= tgt_counts.to(cost.device)[:, None]

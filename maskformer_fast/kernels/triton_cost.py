@@ -1,0 +1,191 @@
+"""The matching cost of every query against every target, for a whole batch, in one Triton
+launch: class + (sigmoid-BCE or focal) + dice, from mask logits ``[B, Q, P]`` or straight from
+mask embeddings ``[B, Q, C]`` and a pixel feature ``[B, C, P]`` (the logits tile is then made
+in registers by a dot over C and consumed at once: no ``[B, Q, P]`` tensor ever exists).
+
+One program owns a tile of queries x targets of one image and walks the pixels:
+
+    for each block of pixels:
+        x = logits tile [BQ, BP]           (loaded, or embed @ feat)
+        e = exp(-|x|), l = log(1 + e)      (once per logit: softplus, sigmoid, BCE share them)
+        p = sigmoid(x), BCE(x,1) = max(-x,0) + l, BCE(x,0) = max(x,0) + l
+        acc_w += w @ y^T, acc_p += p @ y^T (fp32 accumulation)
+        sum_b += rowsum(bias), sum_p += rowsum(p), sum_y += rowsum(y)
+
+with (bce)   w = -x,                          bias = BCE(x, 0)
+     (focal) w = pos - neg, bias = neg,  pos = alpha (1-p)^2 BCE(x, 1), neg = (1-alpha) p^2 BCE(x, 0)
+since sum_P [pos y + neg (1 - y)] = (pos - neg) . y + sum neg, and BCE(x, 1) - BCE(x, 0) = -x.
+At the end: mask = (acc_w + sum_b) / P, dice = 1 - (2 acc_p + 1) / (sum_p + sum_y + 1), and the
+class term -softmax(class_logits)[q, label_t] by an online softmax over the K+1 logits.
+
+Targets beyond an image's count are never read (padding may hold NaN) and get +inf; a label
+outside [0, K] of a valid target gives NaN, as in the torch reference.
+
+Dots use ``input_precision="tf32x3"`` on the GPU (about fp32 accuracy on tensor cores: plain
+TF32 would round the logits to 10 bits and move near-ties); the interpreter computes them
+exactly in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+BLOCK_Q = 32  # queries per program
+BLOCK_P = 32  # pixels per step of the loop
+BLOCK_C = 32  # channels per step of the embedding dot
+BLOCK_K = 64  # class logits per step of the online softmax
+MAX_BLOCK_T = 128  # targets per program: up to 128 targets, every activation is computed once
+
+
+@triton.jit
+def _cost_kernel(
+    x_ptr, sxb, sxq, sxk,  # logits [B, Q, P], or embeddings [B, Q, C] when EMBED
+    f_ptr, sfb, sfc, sfp,  # pixel feature [B, C, P] (EMBED only)
+    y_ptr, syb, syt, syp,  # targets [B, T, P]
+    count_ptr,  # [B] targets per image
+    cl_ptr, scb, scq, sck,  # class logits [B, Q, K1] (HAS_CLASS only)
+    lab_ptr, slb, slt,  # labels [B, T] (HAS_CLASS only)
+    out_ptr, sob, soq, sot,  # cost [B, Q, T] fp32
+    Q, T, P, C, K1,
+    n_pix, w_class, w_mask, w_dice, alpha,  # n_pix = max(P, 1) as a float
+    EMBED: tl.constexpr, FOCAL: tl.constexpr, HAS_CLASS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    qs = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    ts = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    count = tl.minimum(tl.load(count_ptr + b), T)
+    q_ok = qs < Q
+    t_ok = ts < count
+
+    acc_w = tl.zeros((BLOCK_Q, BLOCK_T), dtype=tl.float32)
+    acc_p = tl.zeros((BLOCK_Q, BLOCK_T), dtype=tl.float32)
+    sum_b = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    sum_p = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    sum_y = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        p_ok = ps < P
+        if EMBED:  # the logits tile, in registers: embed [BQ, C] @ feat [C, BP]
+            x = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                cs = c0 + tl.arange(0, BLOCK_C)
+                c_ok = cs < C
+                e = tl.load(x_ptr + b * sxb + qs[:, None] * sxq + cs[None, :] * sxk,
+                            mask=q_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                f = tl.load(f_ptr + b * sfb + cs[:, None] * sfc + ps[None, :] * sfp,
+                            mask=c_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
+                x += tl.dot(e, f, input_precision=PRECISION)
+        else:
+            x = tl.load(x_ptr + b * sxb + qs[:, None] * sxq + ps[None, :] * sxk,
+                        mask=q_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + b * syb + ts[:, None] * syt + ps[None, :] * syp,
+                    mask=t_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
+
+        e = tl.exp(-tl.abs(x))
+        log1pe = tl.log(1.0 + e)
+        r = 1.0 / (1.0 + e)
+        pos_x = x >= 0
+        p = tl.where(pos_x, r, e * r)  # sigmoid(x), and 1 - p below, without cancellation
+        live = p_ok[None, :]  # pixels past P count for nothing
+        bce0 = tl.where(live, tl.maximum(x, 0.0) + log1pe, 0.0)  # BCE(x, 0) = softplus(x)
+        p = tl.where(live, p, 0.0)
+        if FOCAL:
+            one_minus_p = tl.where(pos_x, e * r, r)
+            bce1 = tl.maximum(-x, 0.0) + log1pe  # BCE(x, 1) = softplus(-x)
+            neg = (1.0 - alpha) * p * p * bce0
+            w = alpha * one_minus_p * one_minus_p * bce1 * tl.where(live, 1.0, 0.0) - neg
+            bias = neg
+        else:
+            w = -x
+            bias = bce0
+        yt = tl.trans(y)
+        acc_w += tl.dot(w, yt, input_precision=PRECISION)
+        acc_p += tl.dot(p, yt, input_precision=PRECISION)
+        sum_b += tl.sum(bias, axis=1)
+        sum_p += tl.sum(p, axis=1)
+        sum_y += tl.sum(y, axis=1)
+
+    mask_cost = (acc_w + sum_b[:, None]) / n_pix
+    dice = 1.0 - (2.0 * acc_p + 1.0) / (sum_p[:, None] + sum_y[None, :] + 1.0)
+    cost = w_mask * mask_cost + w_dice * dice
+    if HAS_CLASS:
+        # softmax over the K+1 logits of each query (online: running max and sum)
+        row_max = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+        row_sum = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+        for k0 in range(0, K1, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K1
+            logit = tl.load(cl_ptr + b * scb + qs[:, None] * scq + ks[None, :] * sck,
+                            mask=q_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            logit = tl.where(k_ok[None, :], logit, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(logit, axis=1))
+            row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(logit - new_max[:, None]), axis=1)
+            row_max = new_max
+        label = tl.load(lab_ptr + b * slb + ts * slt, mask=t_ok, other=0)
+        label_ok = (label >= 0) & (label < K1)
+        picked = tl.load(cl_ptr + b * scb + qs[:, None] * scq + label[None, :] * sck,
+                         mask=q_ok[:, None] & (t_ok & label_ok)[None, :], other=0.0).to(tl.float32)
+        prob = tl.exp(picked - row_max[:, None]) / row_sum[:, None]
+        cost -= w_class * tl.where(label_ok[None, :], prob, float("nan"))
+    cost = tl.where(t_ok[None, :], cost, float("inf"))
+    tl.store(out_ptr + b * sob + qs[:, None] * soq + ts[None, :] * sot, cost,
+             mask=q_ok[:, None] & (ts < T)[None, :])
+
+
+# Whether the kernel runs in Triton's interpreter (TRITON_INTERPRET=1 when it was defined).
+INTERPRETED = isinstance(_cost_kernel, InterpretedFunction)
+
+def _launch(x, feat, tgt_masks, tgt_counts, class_logits, tgt_labels, *, embed, w_class, w_mask, w_dice,
+            mask_cost, alpha=0.25):
+    B, Q = x.shape[:2]
+    T, P = tgt_masks.shape[1], tgt_masks.shape[2]
+    out = torch.empty(B, Q, T, device=x.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    if tgt_masks.dtype == torch.bool:
+        tgt_masks = tgt_masks.view(torch.uint8)  # same bytes; Triton loads bools as int1
+    counts = torch.full((B,), T, device=x.device, dtype=torch.int64) if tgt_counts is None \
+        else tgt_counts.to(device=x.device, dtype=torch.int64)
+    has_class = class_logits is not None and w_class != 0
+    if not has_class:  # never read: any tensor gives valid pointers
+        class_logits, tgt_labels = out.new_zeros(1, 1, 1), counts.new_zeros(1, 1)
+    if not embed:
+        feat = x.new_zeros(1, 1, 1)
+    block_t = min(max(16, triton.next_power_of_2(T)), MAX_BLOCK_T)
+    grid = (B, triton.cdiv(Q, BLOCK_Q), triton.cdiv(T, block_t))
+    _cost_kernel[grid](
+        x, *x.stride(),
+        feat, *feat.stride(),
+        tgt_masks, *tgt_masks.stride(),
+        counts,
+        class_logits, *class_logits.stride(),
+        tgt_labels, *tgt_labels.stride(),
+        out, *out.stride(),
+        Q, T, P, feat.shape[1] if embed else 0, class_logits.shape[-1],
+        float(max(P, 1)), float(w_class), float(w_mask), float(w_dice), float(alpha),
+        EMBED=embed, FOCAL=mask_cost == "focal", HAS_CLASS=has_class,
+        PRECISION="ieee" if x.device.type == "cpu" else "tf32x3",
+        BLOCK_Q=BLOCK_Q, BLOCK_T=block_t, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K,
+        num_warps=8 if block_t >= 128 else 4,
+    )
+    return out
+
+
+def pairwise_mask_cost_triton(mask_logits, tgt_masks, tgt_counts=None, class_logits=None, tgt_labels=None, *,
+                              w_class=1.0, w_mask=1.0, w_dice=1.0, mask_cost="bce"):
+    """``[B, Q, P]`` logits against ``[B, T, P]`` targets -> float32 ``[B, Q, T]``."""
+    return _launch(mask_logits, None, tgt_masks, tgt_counts, class_logits, tgt_labels, embed=False,
+                   w_class=w_class, w_mask=w_mask, w_dice=w_dice, mask_cost=mask_cost)
+
+
+def mask_cost_from_embeddings_triton(mask_embed, pixel_feat, tgt_masks, tgt_counts=None, class_logits=None,
+                                     tgt_labels=None, *, w_class=1.0, w_mask=1.0, w_dice=1.0, mask_cost="bce"):
+    """The cost of the logits ``einsum("bqc,bchw->bqhw")`` against ``[B, T, H, W]`` targets,
+    the logits made tile by tile in registers."""
+    return _launch(mask_embed, pixel_feat.flatten(2), tgt_masks.flatten(2), tgt_counts, class_logits,
+                   tgt_labels, embed=True, w_class=w_class, w_mask=w_mask, w_dice=w_dice, mask_cost=mask_cost)
