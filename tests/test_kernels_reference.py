@@ -59,9 +59,9 @@ def batch(g, B=3, Q=5, T=4, P=37, K=4, dtype=torch.float32):
     return x, y, counts, logits, labels
 
 
-# (B, Q, T, P): ragged counts in every case; T > Q; T = 0; more queries than a tile (32) and
-# P not a multiple of the pixel tile (32); more targets than a tile (128).
-SHAPES = [(3, 5, 4, 37), (2, 3, 7, 64), (2, 4, 0, 10), (1, 1, 1, 1), (2, 40, 20, 70), (1, 3, 130, 5)]
+# (B, Q, T, P): ragged counts in every case; T > Q; T = 0; more queries than a tile (64) and
+# P not a multiple of the pixel tile (16); more targets than a tile (32).
+SHAPES = [(3, 5, 4, 37), (2, 3, 7, 64), (2, 4, 0, 10), (1, 1, 1, 1), (2, 70, 20, 70), (1, 3, 70, 5)]
 
 
 @pytest.mark.parametrize("backend,device", IMPLS)
@@ -100,9 +100,9 @@ def test_half_precision_strided_inputs_and_no_class_term(backend, device, mask_c
 
 @pytest.mark.parametrize("backend,device", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape", [(2, 6, 8, 9, 7, 5), (1, 35, 40, 5, 11, 3), (2, 3, 4, 2, 2, 0)])
+@pytest.mark.parametrize("shape", [(2, 6, 8, 9, 7, 5), (1, 70, 40, 5, 11, 3), (2, 3, 4, 2, 2, 0)])
 def test_cost_from_embeddings_equals_cost_of_einsum(backend, device, dtype, shape, monkeypatch):
-    """(B, Q, C, H, W, T): C and H * W not multiples of the tiles, Q over a tile, T = 0."""
+    """(B, Q, C, H, W, T): C and H * W not multiples of the tiles (16), Q over a tile (64), T = 0."""
     g = torch.Generator().manual_seed(2)
     B, Q, C, H, W, T = shape
     embed = (torch.randn(B, Q, C, generator=g) / C**0.5).to(dtype)
@@ -121,9 +121,9 @@ def test_cost_from_embeddings_equals_cost_of_einsum(backend, device, dtype, shap
 
 @pytest.mark.parametrize("backend,device", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape", [(2, 5, 7, 6, 4), (1, 33, 40, 9, 13), (2, 0, 3, 2, 2), (1, 2, 0, 3, 3)])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 6, 4), (1, 70, 40, 9, 13), (2, 0, 3, 2, 2), (1, 2, 0, 3, 3)])
 def test_mask_einsum_values_and_gradients(backend, device, dtype, shape):
-    """(B, T, C, H, W): every dimension off the tiles (32 x 64 x 32), T = 0, C = 0; the
+    """(B, T, C, H, W): every dimension off the tiles (64 x 64 x 32), T = 0, C = 0; the
     gradients of both inputs against torch autograd of the float64 einsum."""
     B, T, C, H, W = shape
     g = torch.Generator().manual_seed(3)
@@ -187,3 +187,30 @@ def test_kernel_input_errors():
         pairwise_mask_cost(x, torch.rand(2, 4, 10), backend="cuda")
     with pytest.raises(ValueError, match="mask_einsum"):
         mask_einsum(torch.randn(2, 3, 4), torch.randn(2, 5, 6, 6))
+
+
+@pytest.mark.parametrize("backend,device", IMPLS)
+def test_no_pixels(backend, device):
+    """P = 0: mask and dice costs are 0 (nothing to compare), only the class term remains."""
+    logits, labels = torch.randn(2, 3, 5), torch.randint(0, 5, (2, 4))
+    got = pairwise_mask_cost(torch.zeros(2, 3, 0, device=device), torch.zeros(2, 4, 0, device=device), None,
+                             logits.to(device), labels.to(device), backend=backend)
+    want = -torch.gather(logits.softmax(-1), 2, labels[:, None, :].expand(-1, 3, -1))
+    torch.testing.assert_close(got.cpu(), want)
+
+
+@pytest.mark.parametrize("split", [1, 3, 5])
+def test_triton_pixel_split(split, monkeypatch):
+    """The pixels of a tile shared by several programs (the partial sums combined by the last
+    to arrive) give the same cost as one program, whatever the split."""
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's split; on a GPU the split follows the SM count")
+    from maskformer_fast.kernels import triton_cost
+
+    monkeypatch.setattr(triton_cost, "INTERPRETER_SPLIT", split)
+    g = torch.Generator().manual_seed(5)
+    x, y, counts, logits, labels = batch(g, B=2, Q=3, T=5, P=5 * 16 + 7)
+    for mask_cost in ("bce", "focal"):
+        got = pairwise_mask_cost(x, y, counts, logits, labels, mask_cost=mask_cost, backend="triton")
+        want = direct_cost(x, y, counts, logits, labels, 1.0, 1.0, 1.0, mask_cost)
+        torch.testing.assert_close(got.double(), want, **COST_TOL)

@@ -33,11 +33,18 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-BLOCK_Q = 32  # queries per program
-BLOCK_P = 32  # pixels per step of the loop
-BLOCK_C = 32  # channels per step of the embedding dot
+# Tiles: 64 queries x up to 32 targets per program, 16 pixels per step, 8 warps. Chosen so that
+# no variant spills registers on sm_80 or sm_90 (tests/test_triton_compile.py checks it without
+# a GPU); not yet tuned on one. Activations are computed once per logit for T <= 32 targets, once
+# per tile of 32 targets beyond that (64-target tiles spill on sm_80).
+BLOCK_Q = 64  # queries per program
+BLOCK_P = 16  # pixels per step of the loop
+BLOCK_C = 16  # channels per step of the embedding dot
 BLOCK_K = 64  # class logits per step of the online softmax
-MAX_BLOCK_T = 128  # targets per program: up to 128 targets, every activation is computed once
+MAX_BLOCK_T = 32  # targets per program
+NUM_WARPS = 8
+MIN_SPLIT_BLOCKS = 16  # pixel blocks per program at least, when a tile's pixels are split
+INTERPRETER_SPLIT = 2  # the interpreter splits in two, so that tests run both paths
 
 
 @triton.jit
@@ -49,13 +56,15 @@ def _cost_kernel(
     cl_ptr, scb, scq, sck,  # class logits [B, Q, K1] (HAS_CLASS only)
     lab_ptr, slb, slt,  # labels [B, T] (HAS_CLASS only)
     out_ptr, sob, soq, sot,  # cost [B, Q, T] fp32
-    Q, T, P, C, K1,
+    ws_ptr, arrived_ptr,  # split > 1: partial sums [split, tiles, WS], arrivals per tile [tiles]
+    Q, T, P, C, K1, split, chunk,  # the pixels are cut into `split` ranges of `chunk`
     n_pix, w_class, w_mask, w_dice, alpha,  # n_pix = max(P, 1) as a float
-    EMBED: tl.constexpr, FOCAL: tl.constexpr, HAS_CLASS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    EMBED: tl.constexpr, FOCAL: tl.constexpr, HAS_CLASS: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
+    b = (tl.program_id(0) // split).to(tl.int64)
+    part = tl.program_id(0) % split
     qs = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     ts = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
     count = tl.minimum(tl.load(count_ptr + b), T)
@@ -67,9 +76,10 @@ def _cost_kernel(
     sum_b = tl.zeros((BLOCK_Q,), dtype=tl.float32)
     sum_p = tl.zeros((BLOCK_Q,), dtype=tl.float32)
     sum_y = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
+    p_end = tl.minimum(part * chunk + chunk, P)
+    for p0 in range(part * chunk, p_end, BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P)
-        p_ok = ps < P
+        p_ok = ps < p_end
         if EMBED:  # the logits tile, in registers: embed [BQ, C] @ feat [C, BP]
             x = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
             for c0 in range(0, C, BLOCK_C):
@@ -110,6 +120,39 @@ def _cost_kernel(
         sum_p += tl.sum(p, axis=1)
         sum_y += tl.sum(y, axis=1)
 
+    done = True
+    if SPLIT:
+        # Split-P: every program stores its partial sums; the last of a tile's `split`
+        # programs to arrive adds them up in the order of the pixels (not of arrival, so the
+        # result is deterministic) and finishes. The atomic's acquire-release orders the
+        # stores before it against the loads after it.
+        tile = (b * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+        WS: tl.constexpr = 2 * BLOCK_Q * BLOCK_T + 2 * BLOCK_Q + BLOCK_T
+        n_tiles = (tl.num_programs(0) // split) * tl.num_programs(1) * tl.num_programs(2)
+        qt = tl.arange(0, BLOCK_Q)[:, None] * BLOCK_T + tl.arange(0, BLOCK_T)[None, :]
+        rq, rt = tl.arange(0, BLOCK_Q), tl.arange(0, BLOCK_T)
+        ws = ws_ptr + (part * n_tiles + tile) * WS
+        tl.store(ws + qt, acc_w)
+        tl.store(ws + BLOCK_Q * BLOCK_T + qt, acc_p)
+        tl.store(ws + 2 * BLOCK_Q * BLOCK_T + rq, sum_b)
+        tl.store(ws + 2 * BLOCK_Q * BLOCK_T + BLOCK_Q + rq, sum_p)
+        tl.store(ws + 2 * BLOCK_Q * BLOCK_T + 2 * BLOCK_Q + rt, sum_y)
+        done = tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel") == split - 1
+        if done:
+            ws = ws_ptr + tile * WS
+            acc_w = tl.load(ws + qt)
+            acc_p = tl.load(ws + BLOCK_Q * BLOCK_T + qt)
+            sum_b = tl.load(ws + 2 * BLOCK_Q * BLOCK_T + rq)
+            sum_p = tl.load(ws + 2 * BLOCK_Q * BLOCK_T + BLOCK_Q + rq)
+            sum_y = tl.load(ws + 2 * BLOCK_Q * BLOCK_T + 2 * BLOCK_Q + rt)
+            for k in range(1, split):
+                ws = ws_ptr + (k * n_tiles + tile) * WS
+                acc_w += tl.load(ws + qt)
+                acc_p += tl.load(ws + BLOCK_Q * BLOCK_T + qt)
+                sum_b += tl.load(ws + 2 * BLOCK_Q * BLOCK_T + rq)
+                sum_p += tl.load(ws + 2 * BLOCK_Q * BLOCK_T + BLOCK_Q + rq)
+                sum_y += tl.load(ws + 2 * BLOCK_Q * BLOCK_T + 2 * BLOCK_Q + rt)
+
     mask_cost = (acc_w + sum_b[:, None]) / n_pix
     dice = 1.0 - (2.0 * acc_p + 1.0) / (sum_p[:, None] + sum_y[None, :] + 1.0)
     cost = w_mask * mask_cost + w_dice * dice
@@ -134,11 +177,27 @@ def _cost_kernel(
         cost -= w_class * tl.where(label_ok[None, :], prob, float("nan"))
     cost = tl.where(t_ok[None, :], cost, float("inf"))
     tl.store(out_ptr + b * sob + qs[:, None] * soq + ts[None, :] * sot, cost,
-             mask=q_ok[:, None] & (ts < T)[None, :])
+             mask=q_ok[:, None] & (ts < T)[None, :] & done)
 
 
 # Whether the kernel runs in Triton's interpreter (TRITON_INTERPRET=1 when it was defined).
 INTERPRETED = isinstance(_cost_kernel, InterpretedFunction)
+
+def _split(P: int, tiles: int, device: torch.device) -> tuple[int, int]:
+    """(split, chunk): the pixels of each tile are shared by `split` programs, `chunk` each
+    (a multiple of BLOCK_P). On a GPU, enough programs to fill every SM twice, as long as each
+    keeps MIN_SPLIT_BLOCKS pixel blocks: B * Q / BLOCK_Q tiles alone would leave most SMs idle
+    on a typical batch (8 x 100 queries: 32 programs)."""
+    blocks = triton.cdiv(P, BLOCK_P)
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        split = min(triton.cdiv(2 * sms, tiles), blocks // MIN_SPLIT_BLOCKS)
+    else:
+        split = INTERPRETER_SPLIT
+    split = max(1, min(split, blocks))
+    chunk = max(1, triton.cdiv(blocks, split)) * BLOCK_P
+    return max(1, triton.cdiv(P, chunk)), chunk
+
 
 def _launch(x, feat, tgt_masks, tgt_counts, class_logits, tgt_labels, *, embed, w_class, w_mask, w_dice,
             mask_cost, alpha=0.25):
@@ -157,7 +216,12 @@ def _launch(x, feat, tgt_masks, tgt_counts, class_logits, tgt_labels, *, embed, 
     if not embed:
         feat = x.new_zeros(1, 1, 1)
     block_t = min(max(16, triton.next_power_of_2(T)), MAX_BLOCK_T)
-    grid = (B, triton.cdiv(Q, BLOCK_Q), triton.cdiv(T, block_t))
+    tiles = B * triton.cdiv(Q, BLOCK_Q) * triton.cdiv(T, block_t)
+    split, chunk = _split(P, tiles, x.device)
+    block_size = 2 * BLOCK_Q * block_t + 2 * BLOCK_Q + block_t
+    ws = torch.empty(split * tiles * block_size if split > 1 else 1, device=x.device, dtype=torch.float32)
+    arrived = torch.zeros(tiles if split > 1 else 1, device=x.device, dtype=torch.int32)
+    grid = (B * split, triton.cdiv(Q, BLOCK_Q), triton.cdiv(T, block_t))
     _cost_kernel[grid](
         x, *x.stride(),
         feat, *feat.stride(),
@@ -166,12 +230,13 @@ def _launch(x, feat, tgt_masks, tgt_counts, class_logits, tgt_labels, *, embed, 
         class_logits, *class_logits.stride(),
         tgt_labels, *tgt_labels.stride(),
         out, *out.stride(),
-        Q, T, P, feat.shape[1] if embed else 0, class_logits.shape[-1],
+        ws, arrived,
+        Q, T, P, feat.shape[1] if embed else 0, class_logits.shape[-1], split, chunk,
         float(max(P, 1)), float(w_class), float(w_mask), float(w_dice), float(alpha),
-        EMBED=embed, FOCAL=mask_cost == "focal", HAS_CLASS=has_class,
+        EMBED=embed, FOCAL=mask_cost == "focal", HAS_CLASS=has_class, SPLIT=split > 1,
         PRECISION="ieee" if x.device.type == "cpu" else "tf32x3",
         BLOCK_Q=BLOCK_Q, BLOCK_T=block_t, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K,
-        num_warps=8 if block_t >= 128 else 4,
+        num_warps=NUM_WARPS,
     )
     return out
 
