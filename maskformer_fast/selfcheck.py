@@ -1,12 +1,19 @@
-"""One-command GPU self-check of the assignment solver: ``python -m maskformer_fast.selfcheck``.
+"""One-command GPU self-check: ``python -m maskformer_fast.selfcheck``.
 
-On a machine with a CUDA GPU it checks parity (CUDA vs this library's CPU path vs scipy,
-index for index, and CUDA vs CPU dual for dual) on a corpus of hard cases, then prints a
-timing table: median milliseconds (CUDA events for the GPU paths, wall clock for the
-host ones, warm-up first) of the scipy loop (``.cpu()`` included), this library's CPU
-path (``.cpu()`` included), its CUDA path and, when installed, torch-linear-assignment,
-with the device name and the speed-up of the CUDA path over each. Without a GPU it says
-so and exits with status 1.
+On a machine with a CUDA GPU it checks
+
+1. the assignment solver: parity (CUDA vs this library's CPU path vs scipy, index for index,
+   and CUDA vs CPU dual for dual) on a corpus of hard cases, then a timing table: median
+   milliseconds (CUDA events for the GPU paths, wall clock for the host ones, warm-up first)
+   of the scipy loop (``.cpu()`` included), this library's CPU path (``.cpu()`` included),
+   its CUDA path and, when installed, torch-linear-assignment, with the device name and the
+   speed-up of the CUDA path over each;
+2. the Triton kernels: the matching cost (from logits and from embeddings) and the mask
+   einsum with its gradients against the CPU torch references, then a timing table of the
+   matching cost (Triton vs the torch reference vs Mask2Former's per-image formulation, on
+   the GPU) with the bandwidth reached at the kernel's bytes-moved floor.
+
+Without a GPU it says so and exits with status 1.
 """
 
 from __future__ import annotations
@@ -209,7 +216,79 @@ def main() -> int:
         return 2
     print(f"parity: CUDA == CPU (indices, status, duals bit for bit) == scipy, {len(cases)} cases")
     print(format_table(name, time_all(device)))
+    failures = check_kernels(device)
+    if failures:
+        print("KERNEL CHECK FAILED:\n  " + "\n  ".join(failures))
+        return 2
+    print("kernels: Triton (CUDA) == torch references (CPU) within fp32 / TF32 tolerances")
+    print(time_kernels(device))
     return 0
+
+
+KERNEL_SHAPES = [(3, 100, 20, 12544, 64), (2, 7, 45, 1000, 20), (4, 130, 0, 77, 8)]  # B, Q, T, P, C
+
+
+def check_kernels(device: str, shapes=KERNEL_SHAPES) -> list[str]:
+    """The Triton kernels on `device` against the torch references on the CPU."""
+    from maskformer_fast import kernels
+
+    g = torch.Generator().manual_seed(2)
+    failures = []
+    for B, Q, T, P, C in shapes:
+        x, y = torch.randn(B, Q, P, generator=g) * 3, (torch.rand(B, T, P, generator=g) < 0.3).float()
+        counts = torch.randint(0, T + 1, (B,), generator=g)
+        logits, labels = torch.randn(B, Q, 81, generator=g), torch.randint(0, 80, (B, T), generator=g)
+        embed, feat = torch.randn(B, Q, C, generator=g) / C**0.5, torch.randn(B, C, 1, P, generator=g)
+        for mask_cost in ("bce", "focal"):
+            args = (x, y, counts, logits, labels)
+            got = kernels.pairwise_mask_cost(*(t.to(device) for t in args), mask_cost=mask_cost, backend="triton")
+            want = kernels.pairwise_mask_cost(*args, mask_cost=mask_cost, backend="torch")
+            if not torch.allclose(got.cpu(), want, rtol=1e-4, atol=1e-4, equal_nan=True):
+                failures.append(f"pairwise_mask_cost {mask_cost} B={B} Q={Q} T={T} P={P}")
+            args = (embed, feat, y.view(B, T, 1, P), counts, logits, labels)
+            got = kernels.mask_cost_from_embeddings(*(t.to(device) for t in args), mask_cost=mask_cost,
+                                                    backend="triton")
+            want = kernels.mask_cost_from_embeddings(*args, mask_cost=mask_cost, backend="torch")
+            if not torch.allclose(got.cpu(), want, rtol=1e-4, atol=1e-4, equal_nan=True):
+                failures.append(f"mask_cost_from_embeddings {mask_cost} B={B} Q={Q} T={T} P={P} C={C}")
+        leaves = [embed.to(device).requires_grad_(), feat.to(device).requires_grad_()]
+        out = kernels.mask_einsum(*leaves, backend="triton")
+        got = [out, *torch.autograd.grad(out, leaves, torch.ones_like(out))]
+        ref_leaves = [embed.double().requires_grad_(), feat.double().requires_grad_()]
+        ref = torch.einsum("btc,bchw->bthw", *ref_leaves)
+        want = [ref, *torch.autograd.grad(ref, ref_leaves, torch.ones_like(ref))]
+        for what, a, b in zip(("einsum", "d embed", "d feat"), got, want):
+            scale = b.abs().max().item() + 1
+            if not torch.allclose(a.cpu().double(), b, rtol=2e-2, atol=2e-2 * scale):  # TF32
+                failures.append(f"mask_einsum {what} B={B} Q={Q} C={C} P={P}")
+    return failures
+
+
+def time_kernels(device: str) -> str:
+    """Median ms of the matching cost of B=8 images x 100 queries x 20 targets."""
+    from maskformer_fast import kernels
+
+    g = torch.Generator().manual_seed(3)
+    lines = ["Matching cost, B=8 Q=100 T=20 (median ms; GB/s = the kernel's least bytes moved / time)", "",
+             "| case | Triton | torch reference | Mask2Former per image | Triton GB/s |", "|---|---|---|---|---|"]
+    for case, P in (("P=12,544 points", 12544), ("128x128", 128 * 128), ("256x256", 256 * 256)):
+        x = (torch.randn(8, 100, P, generator=g) * 3).to(device)
+        y = (torch.rand(8, 20, P, generator=g) < 0.3).float().to(device)
+        logits, labels = torch.randn(8, 100, 81, generator=g).to(device), torch.randint(0, 80, (8, 20)).to(device)
+
+        def per_image():
+            for b in range(8):
+                pos = torch.nn.functional.softplus(-x[b])
+                neg = torch.nn.functional.softplus(x[b])
+                p = x[b].sigmoid()
+                cost = (pos @ y[b].T + neg @ (1 - y[b]).T) / P - logits[b].softmax(-1)[:, labels[b]]
+                cost = cost + 1 - (2 * p @ y[b].T + 1) / (p.sum(-1)[:, None] + y[b].sum(-1)[None, :] + 1)
+
+        times = [median_ms(lambda: kernels.pairwise_mask_cost(x, y, None, logits, labels, backend=b), cuda=True)
+                 for b in ("triton", "torch")] + [median_ms(per_image, cuda=True)]
+        floor = (x.numel() + y.numel() + 8 * 100 * 20) * 4
+        lines.append(f"| {case} | " + " | ".join(f"{t:.3f}" for t in times) + f" | {floor / times[0] / 1e6:.0f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

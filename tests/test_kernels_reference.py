@@ -214,3 +214,13 @@ def test_triton_pixel_split(split, monkeypatch):
         got = pairwise_mask_cost(x, y, counts, logits, labels, mask_cost=mask_cost, backend="triton")
         want = direct_cost(x, y, counts, logits, labels, 1.0, 1.0, 1.0, mask_cost)
         torch.testing.assert_close(got.double(), want, **COST_TOL)
+
+
+def test_selfcheck_kernel_parity_runs_on_the_interpreter():
+    """`python -m maskformer_fast.selfcheck`'s kernel check, on small shapes through the
+    interpreter, so that the check a GPU owner runs does not rot."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the self-check itself runs")
+    from maskformer_fast.selfcheck import check_kernels
+
+    assert check_kernels("cpu", shapes=[(2, 7, 5, 40, 6), (1, 3, 0, 9, 2)]) == []
