@@ -38,8 +38,9 @@ def direct_cost(x, y, counts, logits, labels, w_class, w_mask, w_dice, mask_cost
             for q in range(Q):
                 xx = x[b, q].double()
                 p = torch.sigmoid(xx)
-                bce1 = torch.log1p(torch.exp(-xx))  # BCE(x, 1)
-                bce0 = torch.log1p(torch.exp(xx))  # BCE(x, 0)
+                zero = torch.zeros_like(xx)  # log(1 + e^-x), log(1 + e^x) without overflow for |x| > 709
+                bce1 = torch.logaddexp(zero, -xx)  # BCE(x, 1)
+                bce0 = torch.logaddexp(zero, xx)  # BCE(x, 0)
                 if mask_cost == "focal":
                     bce1, bce0 = 0.25 * (1 - p) ** 2 * bce1, 0.75 * p**2 * bce0
                 cm = ((bce1 * yy).sum() + (bce0 * (1 - yy)).sum()) / P

@@ -12,8 +12,8 @@ from maskformer_fast.losses import SetCriterion, uncertain_points
 from maskformer_fast.matcher import HFHungarianMatcher, HungarianMatcher, point_sample
 
 
-def reference_match(outputs, targets, w_class, w_mask, w_dice, mask_cost, num_points=0, generator=None):
-    """Per image, in float64: the cost as the reference matchers build it, then scipy."""
+def reference_costs(outputs, targets, w_class, w_mask, w_dice, mask_cost, num_points=0, generator=None):
+    """Per image, in float64: the cost ``[Q, T]`` as the reference matchers build it."""
     out = []
     for b, tgt in enumerate(targets):
         logits = outputs["pred_logits"][b].double()
@@ -22,7 +22,7 @@ def reference_match(outputs, targets, w_class, w_mask, w_dice, mask_cost, num_po
         # Mask2Former draws an image's points before it looks at its targets
         coords = torch.rand(num_points, 2, generator=generator) if num_points else None
         if len(labels) == 0:
-            out.append((torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)))
+            out.append(torch.zeros(len(logits), 0, dtype=torch.float64))
             continue
         cost_class = -logits.softmax(-1)[:, labels]
         if num_points:
@@ -42,7 +42,14 @@ def reference_match(outputs, targets, w_class, w_mask, w_dice, mask_cost, num_po
             neg = 0.75 * p**2 * neg
         cost_mask = (pos @ y.T + neg @ (1 - y).T) / P
         cost_dice = 1 - (2 * p @ y.T + 1) / (p.sum(-1)[:, None] + y.sum(-1)[None, :] + 1)
-        cost = w_class * cost_class + w_mask * cost_mask + w_dice * cost_dice
+        out.append(w_class * cost_class + w_mask * cost_mask + w_dice * cost_dice)
+    return out
+
+
+def reference_match(outputs, targets, w_class, w_mask, w_dice, mask_cost, num_points=0, generator=None):
+    """Per image: the float64 reference cost, then scipy."""
+    out = []
+    for cost in reference_costs(outputs, targets, w_class, w_mask, w_dice, mask_cost, num_points, generator):
         r, c = scipy.optimize.linear_sum_assignment(cost.numpy())
         out.append((torch.as_tensor(r), torch.as_tensor(c)))
     return out
