@@ -47,12 +47,14 @@ def pad_targets(targets: Sequence[dict], device: torch.device) -> tuple:
     shapes = {tuple(t["masks"].shape[-2:]) for t in targets if t["masks"].shape[0]}
     if len(shapes) > 1:
         raise ValueError(f"target masks must share one size across the batch, got {sorted(shapes)}")
-    H, W = shapes.pop() if shapes else tuple(targets[0]["masks"].shape[-2:])
+    # an image without targets may hold masks of any size; an empty batch has none
+    H, W = shapes.pop() if shapes else tuple(targets[0]["masks"].shape[-2:]) if targets else (0, 0)
     tmax = max(counts, default=0)
     masks = torch.zeros(len(targets), tmax, H, W, device=device)
     labels = torch.zeros(len(targets), tmax, dtype=torch.int64, device=device)
     for b, t in enumerate(targets):
-        masks[b, : counts[b]] = t["masks"].to(device=device, dtype=masks.dtype)
+        if counts[b]:
+            masks[b, : counts[b]] = t["masks"].to(device=device, dtype=masks.dtype)
         labels[b, : counts[b]] = t["labels"].to(device)
     return masks, labels, torch.tensor(counts, dtype=torch.int64)
 
@@ -196,9 +198,8 @@ class HungarianMatcher(nn.Module):
         # One set of points per image, drawn image after image as the reference matchers
         # draw them, shared by the predictions and the targets of that image.
         device = self.generator.device if self.generator is not None else pred.device
-        coords = torch.stack(
-            [torch.rand(self.num_points, 2, generator=self.generator, device=device) for _ in range(B)]
-        ).to(pred.device)
+        draws = [torch.rand(self.num_points, 2, generator=self.generator, device=device) for _ in range(B)]
+        coords = (torch.stack(draws) if B else torch.zeros(0, self.num_points, 2, device=device)).to(pred.device)
         tgt_points = point_sample(tgt, coords) if T else tgt.new_zeros(B, 0, self.num_points)
         return point_sample(pred.float(), coords), tgt_points
 

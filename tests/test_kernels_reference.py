@@ -225,3 +225,19 @@ def test_selfcheck_kernel_parity_runs_on_the_interpreter():
     from maskformer_fast.selfcheck import check_kernels
 
     assert check_kernels("cpu", shapes=[(2, 7, 5, 40, 6), (1, 3, 0, 9, 2)]) == []
+
+
+@pytest.mark.parametrize("backend,device", IMPLS)
+@pytest.mark.parametrize("B, T, C, H, W", [(0, 3, 4, 2, 2), (2, 3, 4, 0, 2), (2, 3, 4, 2, 0), (2, 0, 4, 2, 2),
+                                           (2, 3, 0, 2, 2)])
+def test_mask_einsum_empty_sizes(backend, device, B, T, C, H, W):
+    """Regression: B, H or W = 0 raised, forward and backward (view(B, -1, H, W) of 0 elements
+    is ambiguous); the results and gradients are torch.einsum's."""
+    leaves = [torch.randn(B, T, C, device=device, requires_grad=True),
+              torch.randn(B, C, H, W, device=device, requires_grad=True)]
+    out = mask_einsum(*leaves, backend=backend)
+    assert out.shape == (B, T, H, W)
+    ref = torch.einsum("btc,bchw->bthw", *leaves)
+    grad = torch.ones_like(out)
+    for a, b in zip((out, *torch.autograd.grad(out, leaves, grad)), (ref, *torch.autograd.grad(ref, leaves, grad))):
+        torch.testing.assert_close(a, b)

@@ -263,3 +263,20 @@ def test_uncertain_points_prefer_uncertain_pixels():
     assert (coords[0, :16, 0] < 0.15).all()
     assert (coords[0, 48:, 0] < 0.15).float().mean() < 0.5  # the last quarter is uniform
     assert point_sample(logits[:, None], coords).shape == (1, 1, 64)
+
+
+@pytest.mark.parametrize("num_points", [0, 50])
+def test_empty_batch_and_empty_images_of_another_size(num_points):
+    """Regression: an empty batch raised IndexError (RuntimeError with point sampling), and an
+    image without targets whose mask tensor has another size raised RuntimeError."""
+    empty = {"pred_logits": torch.randn(0, 6, 4), "pred_masks": torch.randn(0, 6, 16, 16)}
+    matcher = HungarianMatcher(2.0, 5.0, 5.0, num_points=num_points, generator=torch.Generator().manual_seed(0))
+    assert matcher(empty, []) == []
+    assert matcher(empty, [], as_tensor=True).shape == (0, 6)
+    assert [c.shape for c in matcher.match_layers([empty, empty], [])] == [(0, 6), (0, 6)]
+    g = torch.Generator().manual_seed(13)
+    outputs, targets = make_batch(g, B=3, Q=6, counts=[2, 0, 3])
+    targets[1]["masks"] = torch.zeros(0, 7, 3)  # no targets: the size of its (empty) masks is free
+    matcher.generator.manual_seed(1)
+    want = reference_match(outputs, targets, 2.0, 5.0, 5.0, "bce", num_points, torch.Generator().manual_seed(1))
+    assert_same(matcher(outputs, targets), want)

@@ -78,13 +78,14 @@ class MaskEinsum(torch.autograd.Function):
     def forward(ctx, embed: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(embed, feat)
         B, C, H, W = feat.shape
-        return bmm(embed, feat.reshape(B, C, H * W)).view(B, -1, H, W)
+        # every size explicit: with B, H or W = 0, a -1 in view / reshape is ambiguous and raises
+        return bmm(embed, feat.reshape(B, C, H * W)).view(B, embed.shape[1], H, W)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         embed, feat = ctx.saved_tensors
         B, C, H, W = feat.shape
-        grad = grad.reshape(B, -1, H * W)
+        grad = grad.reshape(B, embed.shape[1], H * W)
         feat = feat.reshape(B, C, H * W)
         d_embed = bmm(grad, feat.transpose(1, 2)) if ctx.needs_input_grad[0] else None
         d_feat = bmm(embed.transpose(1, 2), grad).view(B, C, H, W) if ctx.needs_input_grad[1] else None
