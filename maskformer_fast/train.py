@@ -101,6 +101,28 @@ def load_checkpoint(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def _truncate_log(path: str, step: int) -> None:
+    """Keeps the records of steps <= ``step`` (atomically): a run killed after its last
+    checkpoint logged steps that the resumed run does again, and may have torn a line."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line.rstrip("\n") + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass  # a torn line
+    if keep == lines:
+        return
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".log-", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
 def _distributed() -> tuple[int, int]:
     if "RANK" not in os.environ:
         return 0, 1
@@ -137,6 +159,8 @@ def train(cfg: Config, out: str, resume: bool = False, device: str | None = None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, elapsed, history = state["step"], state["train_seconds"], state["history"]
+        if rank == 0:
+            _truncate_log(log_path, start)
     ddp = DistributedDataParallel(model) if world > 1 else model
 
     per_rank = cfg.batch_size // world

@@ -112,20 +112,31 @@ def test_tiny_training_run_learns_and_writes_everything(tmp_path):
             assert 0.0 <= saved[key] <= 1.0
 
 
-def test_resume_matches_uninterrupted_run(tmp_path):
-    cfg = Config(**TINY)
-    full = train(cfg, str(tmp_path / "full"), evaluate_at_end=False, progress=False)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The TINY run without interruption: its metrics, final checkpoint and log."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    metrics = train(Config(**TINY), str(out), evaluate_at_end=False, progress=False)
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    return metrics, load_checkpoint(str(out / "checkpoint.pt")), log
+
+
+def assert_same_run(a, b):
+    """Two final checkpoints of the TINY run: the same steps, losses and weights, bit for bit."""
+    assert a["step"] == b["step"] == TINY["steps"]
+    assert a["history"] == b["history"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, uninterrupted):
+    full, a, _ = uninterrupted
     # the same run, stopped after 8 steps (its checkpoint at step 8), then resumed
     short = Config(**dict(TINY, steps=12))
     state_dir = tmp_path / "resumed"
     train_steps(short, state_dir, stop_after=8)
     train(short, str(state_dir), resume=True, evaluate_at_end=False, progress=False)
-    a = load_checkpoint(str(tmp_path / "full" / "checkpoint.pt"))
-    b = load_checkpoint(str(state_dir / "checkpoint.pt"))
-    assert a["step"] == b["step"] == 12
-    assert a["history"] == b["history"]
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert_same_run(a, load_checkpoint(str(state_dir / "checkpoint.pt")))
     assert full["steps"] == 12
 
 
@@ -152,6 +163,17 @@ def test_resume_refuses_another_config(tmp_path):
     train(Config(**dict(TINY, steps=4)), str(tmp_path), evaluate_at_end=False, progress=False)
     with pytest.raises(ValueError, match="--resume"):
         train(Config(**dict(TINY, steps=4, lr=0.5)), str(tmp_path), resume=True, progress=False)
+
+
+def test_resume_drops_log_records_after_the_checkpoint(tmp_path, uninterrupted):
+    """Records of steps past the checkpoint (a killed run's) and a torn last line go; the
+    resumed run's log is the uninterrupted run's."""
+    train_steps(Config(**TINY), tmp_path, stop_after=4)
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n" + '{"step": 6, "lo')
+    train(Config(**TINY), str(tmp_path), resume=True, evaluate_at_end=False, progress=False)
+    assert [json.loads(line) for line in open(tmp_path / "log.jsonl")] == uninterrupted[2]
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
 def test_non_finite_loss_policy(tmp_path, monkeypatch):
