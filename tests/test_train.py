@@ -2,9 +2,12 @@
 
 import json
 import os
+import select
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -163,6 +166,140 @@ def test_resume_refuses_another_config(tmp_path):
     train(Config(**dict(TINY, steps=4)), str(tmp_path), evaluate_at_end=False, progress=False)
     with pytest.raises(ValueError, match="--resume"):
         train(Config(**dict(TINY, steps=4, lr=0.5)), str(tmp_path), resume=True, progress=False)
+
+
+# ------------------------------------------------------------------ real kills: SIGKILL
+
+
+def child_env():
+    """This environment, with the maskformer_fast under test first on the path."""
+    import maskformer_fast
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(maskformer_fast.__file__)))
+    paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+
+
+def kill_when_ready(folder, code, *args, timeout=300):
+    """Runs `code` in a new Python process; when it prints READY (it then waits), kills it
+    with SIGKILL: no handler, no clean-up, no flush runs in the child."""
+    folder.mkdir(exist_ok=True)
+    (folder / "child.py").write_text(code)
+    deadline = time.monotonic() + timeout
+    with open(folder / "child.err", "w") as err:
+        proc = subprocess.Popen([sys.executable, str(folder / "child.py"), *map(str, args)],
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=child_env())
+        line = None
+        try:
+            while line != "READY" and time.monotonic() < deadline:
+                if select.select([proc.stdout], [], [], max(deadline - time.monotonic(), 0))[0]:
+                    line = proc.stdout.readline().strip()
+                    if proc.poll() is not None and line != "READY":
+                        break  # it ended (crashed) before it got there
+            if line == "READY":
+                os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None and line != "READY":
+                proc.kill()
+            proc.wait()
+    assert line == "READY", (folder / "child.err").read_text()[-3000:]
+    assert proc.returncode == -signal.SIGKILL
+
+
+# The child's ways to stop at a known point: it prints READY, then waits for its kill.
+CHILD_PRELUDE = """
+import io, os, sys, time, torch
+import maskformer_fast.train as T
+
+
+def wait_for_kill():
+    print("READY", flush=True)
+    time.sleep(600)
+
+
+def torn_saves(after):
+    \"\"\"torch.save writes half of the bytes of the save number `after` + 1, then waits.\"\"\"
+    real, count = torch.save, [0]
+
+    def save(obj, f, *args, **kwargs):
+        count[0] += 1
+        if count[0] <= after:
+            return real(obj, f, *args, **kwargs)
+        data = io.BytesIO()
+        real(obj, data, *args, **kwargs)
+        f.write(data.getvalue()[: len(data.getvalue()) // 2])
+        f.flush()
+        wait_for_kill()
+
+    torch.save = save
+"""
+
+SAVE_CHILD = CHILD_PRELUDE + """
+path, point = sys.argv[1], sys.argv[2]
+T.save_checkpoint(path, {"step": 1, "weights": torch.arange(1000.0)})
+if point == "mid-write":
+    torn_saves(after=0)
+else:  # "before-rename": the temporary file is complete and synced, not yet renamed
+    os.replace = lambda src, dst: wait_for_kill()
+T.save_checkpoint(path, {"step": 2, "weights": torch.arange(100000.0)})
+"""
+
+
+@pytest.mark.parametrize("point", ["mid-write", "before-rename"])
+def test_checkpoint_survives_sigkill_while_saving(tmp_path, point):
+    """A process SIGKILLed while it writes a checkpoint leaves the previous one loadable, and
+    the temporary file it leaves behind does not disturb later saves."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    kill_when_ready(tmp_path / "child", SAVE_CHILD, folder / "ckpt.pt", point)
+    state = load_checkpoint(str(folder / "ckpt.pt"))
+    assert state["step"] == 1 and torch.equal(state["weights"], torch.arange(1000.0))
+    leftover = [f for f in os.listdir(folder) if f != "ckpt.pt"]
+    assert len(leftover) == 1 and leftover[0].startswith(".checkpoint-")  # the kill hit the save
+    if point == "mid-write":
+        with pytest.raises(Exception):  # really torn
+            load_checkpoint(str(folder / leftover[0]))
+    save_checkpoint(str(folder / "ckpt.pt"), {"step": 3})
+    save_checkpoint(str(folder / "ckpt.pt"), {"step": 4})
+    assert load_checkpoint(str(folder / "ckpt.pt")) == {"step": 4}
+    assert sorted(os.listdir(folder)) == sorted(["ckpt.pt", leftover[0]])
+
+
+TRAIN_CHILD = CHILD_PRELUDE + f"""
+TINY = {TINY!r}
+out, point = sys.argv[1], sys.argv[2]
+if point == "mid-step":  # at the start of step 11 of 12: steps 9 and 10 done since the checkpoint of 8
+    real_collate, calls = T.collate, [0]
+
+    def collate(batch):
+        calls[0] += 1
+        if calls[0] == 11:
+            wait_for_kill()
+        return real_collate(batch)
+
+    T.collate = collate
+else:  # "mid-save": half of the checkpoint of step 8 written (steps 5 to 8 done since the one of 4)
+    torn_saves(after=1)
+T.train(T.Config(**TINY), out, evaluate_at_end=False, progress=False)
+"""
+
+
+@pytest.mark.parametrize("point", ["mid-step", "mid-save"])
+def test_training_sigkilled_then_resumed(tmp_path, point, uninterrupted):
+    """A training run in another process, SIGKILLed between checkpoints or while writing one,
+    resumes from its last complete checkpoint and ends as the uninterrupted run: the same
+    weights bit for bit, and a log with every step once."""
+    out = tmp_path / "run"
+    kill_when_ready(tmp_path / "child", TRAIN_CHILD, out, point)
+    assert load_checkpoint(str(out / "checkpoint.pt"))["step"] == {"mid-step": 8, "mid-save": 4}[point]
+    leftover = [f for f in os.listdir(out) if f.startswith(".checkpoint-")]
+    assert len(leftover) == (point == "mid-save")
+    train(Config(**TINY), str(out), resume=True, evaluate_at_end=False, progress=False)
+    _, full, full_log = uninterrupted
+    assert_same_run(full, load_checkpoint(str(out / "checkpoint.pt")))
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in log] == [r["step"] for r in full_log] == list(range(1, TINY["steps"] + 1))
+    assert log == full_log
 
 
 def test_resume_drops_log_records_after_the_checkpoint(tmp_path, uninterrupted):
