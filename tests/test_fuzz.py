@@ -329,28 +329,29 @@ def test_fuzz_cost_from_embeddings_equals_formulas(case, chunk):
 @FUZZ
 @given(st.data())
 def test_fuzz_mask_einsum_values_and_gradients(data):
-    """Any sizes (empty ones included), dtypes, strides, NaN / inf: the float64 einsum, within
-    the dtype's dot-product rounding; gradients too."""
+    """Any sizes (empty ones included), dtypes (mixed ones promoted), strides, NaN / inf: the
+    float64 einsum, within the dot-product rounding of the promoted dtype; gradients too."""
     draw = data.draw
     B, T, C, H, W = (draw(st.integers(0, 3)), draw(st.integers(0, 5)), draw(st.integers(0, 6)),
                      draw(st.integers(0, 5)), draw(st.integers(0, 5)))
-    dtype = draw(st.sampled_from(LOGIT_DTYPES + [torch.float64]))
+    embed_dtype, feat_dtype = (draw(st.sampled_from(LOGIT_DTYPES + [torch.float64])) for _ in range(2))
+    dtype = torch.promote_types(embed_dtype, feat_dtype)
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     rate = draw(st.sampled_from([0.0, 0.0, 0.05]))
     scales = st.sampled_from([0.3, 4.0])
-    embed = sprinkle(torch.randn(B, T, C, generator=g) * draw(scales), g, rate).to(dtype)
-    feat = sprinkle(torch.randn(B, C, H, W, generator=g) * draw(scales), g, rate).to(dtype)
+    embed = sprinkle(torch.randn(B, T, C, generator=g) * draw(scales), g, rate).to(embed_dtype)
+    feat = sprinkle(torch.randn(B, C, H, W, generator=g) * draw(scales), g, rate).to(feat_dtype)
     embed = relayout(embed, draw(LAYOUTS)).detach().requires_grad_(True)
     feat = relayout(feat, draw(LAYOUTS)).detach().requires_grad_(True)
     out = mask_einsum(embed, feat, backend="torch")
     assert out.shape == (B, T, H, W) and out.dtype == dtype
     e64, f64 = embed.detach().double(), feat.detach().double()
-    eps = torch.finfo(dtype).eps
 
-    def check(got, want, size, terms):
+    def check(got, want, size, terms, dtype=dtype):
+        assert got.dtype == dtype
         finite = torch.isfinite(want)
         assert torch.equal(torch.isfinite(got), finite)
-        tol = (terms + 2) * eps * size + torch.finfo(dtype).smallest_normal
+        tol = (terms + 2) * torch.finfo(dtype).eps * size + torch.finfo(dtype).smallest_normal
         assert ((got.detach().double() - want).abs() <= tol)[finite].all()
 
     check(out, torch.einsum("btc,bchw->bthw", e64, f64),
@@ -358,11 +359,11 @@ def test_fuzz_mask_einsum_values_and_gradients(data):
     if rate == 0 and out.numel():
         grad = torch.randn(out.shape, generator=g).to(dtype)
         g_embed, g_feat = torch.autograd.grad(out, (embed, feat), grad)
-        g64 = grad.double()
+        g64 = grad.double()  # each gradient in its input's dtype (rounded to it at the end)
         check(g_embed, torch.einsum("bthw,bchw->btc", g64, f64),
-              torch.einsum("bthw,bchw->btc", g64.abs(), f64.abs()), H * W)
+              torch.einsum("bthw,bchw->btc", g64.abs(), f64.abs()), H * W, embed_dtype)
         check(g_feat, torch.einsum("bthw,btc->bchw", g64, e64),
-              torch.einsum("bthw,btc->bchw", g64.abs(), e64.abs()), T)
+              torch.einsum("bthw,btc->bchw", g64.abs(), e64.abs()), T, feat_dtype)
 
 
 @st.composite

@@ -144,6 +144,18 @@ def test_mask_einsum_values_and_gradients(backend, device, dtype, shape):
         torch.testing.assert_close(a.cpu().double(), b, rtol=tol, atol=tol * max(C, T, H * W) ** 0.5)
 
 
+@pytest.mark.parametrize("backend,device", IMPLS)
+def test_mask_einsum_promotes_mixed_dtypes(backend, device):
+    """Regression: as documented, mixed dtypes are promoted (the torch path raised)."""
+    g = torch.Generator().manual_seed(6)
+    embed, feat = torch.randn(2, 3, 4, generator=g).half(), torch.randn(2, 4, 5, 5, generator=g)
+    out = mask_einsum(embed.to(device), feat.to(device), backend=backend)
+    assert out.dtype == torch.float32
+    want = torch.einsum("btc,bchw->bthw", embed.double(), feat.double())
+    tol = 2e-2 if device == "cuda" else 1e-5  # TF32 on a GPU
+    torch.testing.assert_close(out.cpu().double(), want, rtol=tol, atol=tol)
+
+
 def test_triton_backend_on_cpu_needs_the_interpreter():
     """Without TRITON_INTERPRET=1, backend="triton" on CPU tensors is a clear error."""
     code = ("import torch; from maskformer_fast.kernels import mask_einsum\n"

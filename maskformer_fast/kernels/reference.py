@@ -109,5 +109,7 @@ def mask_cost_from_embeddings_torch(mask_embed, pixel_feat, tgt_masks, tgt_count
 def mask_einsum_torch(mask_embed: torch.Tensor, pixel_feat: torch.Tensor) -> torch.Tensor:
     """``"b t c, b c h w -> b t h w"``."""
     B, C, H, W = pixel_feat.shape
+    dtype = torch.promote_types(mask_embed.dtype, pixel_feat.dtype)  # mixed dtypes promoted, as documented
+    out = torch.bmm(mask_embed.to(dtype), pixel_feat.reshape(B, C, H * W).to(dtype))
     # every size explicit: with B, H or W = 0, view(B, -1, H, W) is ambiguous and raises
-    return torch.bmm(mask_embed, pixel_feat.reshape(B, C, H * W)).view(B, mask_embed.shape[1], H, W)
+    return out.view(B, mask_embed.shape[1], H, W)
