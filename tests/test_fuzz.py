@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from maskformer_fast.hungarian import batch_linear_sum_assignment, linear_sum_assignment
@@ -22,6 +22,8 @@ from maskformer_fast.hungarian import batch_linear_sum_assignment, linear_sum_as
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 400,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# The Triton kernels through the interpreter (tests run it when there is no GPU): slower per case.
+TRITON_FUZZ = settings(FUZZ, max_examples=max(100, EXAMPLES // 4))
 
 DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
           torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -277,20 +279,32 @@ def pairwise_cases(draw):
     return x, y, counts, logits, labels, weights, mask_cost
 
 
+def check_pairwise(case, chunk, backend):
+    x, y, counts, logits, labels, weights, mask_cost = case
+    wc, wm, wd = weights
+    with chunk_elements(chunk):
+        got = pairwise_mask_cost(x, y, counts, logits, labels, w_class=wc, w_mask=wm, w_dice=wd,
+                                 mask_cost=mask_cost, backend=backend)
+    full = counts if counts is not None else torch.full((x.shape[0],), y.shape[1])
+    with one_thread():  # a zero class weight drops the term: the kernel does not read the logits then
+        want = direct_cost(x, y, full, logits if wc else None, labels, wc, wm, wd, mask_cost)
+    assert_cost_close(got, want, x.double().abs(), weights, counts)
+
+
 @FUZZ
 @given(pairwise_cases(), st.sampled_from([1, 13, 1 << 20]))
 def test_fuzz_pairwise_mask_cost_equals_formulas(case, chunk):
     """Any B, Q, T >= 0 and P >= 1, fp32 / fp16 / bf16 logits with NaN / inf, float / bool / uint8
     targets, garbage padding, any strides: the float64 formulas, pair by pair."""
-    x, y, counts, logits, labels, weights, mask_cost = case
-    wc, wm, wd = weights
-    with chunk_elements(chunk):
-        got = pairwise_mask_cost(x, y, counts, logits, labels, w_class=wc, w_mask=wm, w_dice=wd,
-                                 mask_cost=mask_cost, backend="torch")
-    full = counts if counts is not None else torch.full((x.shape[0],), y.shape[1])
-    with one_thread():  # a zero class weight drops the term: the kernel does not read the logits then
-        want = direct_cost(x, y, full, logits if wc else None, labels, wc, wm, wd, mask_cost)
-    assert_cost_close(got, want, x.double().abs(), weights, counts)
+    check_pairwise(case, chunk, "torch")
+
+
+@TRITON_FUZZ
+@given(pairwise_cases())
+def test_fuzz_pairwise_mask_cost_triton_interpreter(case):
+    """The same cases through the Triton kernel in the interpreter (no bfloat16 there)."""
+    assume(not any(t is not None and t.dtype == torch.bfloat16 for t in case[:5]))
+    check_pairwise(case, 1 << 20, "triton")
 
 
 @st.composite
@@ -309,21 +323,33 @@ def embedding_cases(draw):
     return embed, feat, y, counts, logits, labels, weights, mask_cost
 
 
-@FUZZ
-@given(embedding_cases(), st.sampled_from([1, 13, 1 << 20]))
-def test_fuzz_cost_from_embeddings_equals_formulas(case, chunk):
-    """The cost of einsum(embed, feat) without the logits: the formulas on the float64 einsum."""
+def check_embeddings(case, chunk, backend):
     embed, feat, y, counts, logits, labels, weights, mask_cost = case
     wc, wm, wd = weights
     with chunk_elements(chunk):
         got = mask_cost_from_embeddings(embed, feat, y, counts, logits, labels, w_class=wc, w_mask=wm,
-                                        w_dice=wd, mask_cost=mask_cost, backend="torch")
+                                        w_dice=wd, mask_cost=mask_cost, backend=backend)
     x = torch.einsum("bqc,bchw->bqhw", embed.double(), feat.double()).flatten(2)
     xabs = torch.einsum("bqc,bchw->bqhw", embed.double().abs(), feat.double().abs()).flatten(2)
     full = counts if counts is not None else torch.full((x.shape[0],), y.shape[1])
     with one_thread():
         want = direct_cost(x, y.flatten(2), full, logits if wc else None, labels, wc, wm, wd, mask_cost)
     assert_cost_close(got, want, xabs, weights, counts)
+
+
+@FUZZ
+@given(embedding_cases(), st.sampled_from([1, 13, 1 << 20]))
+def test_fuzz_cost_from_embeddings_equals_formulas(case, chunk):
+    """The cost of einsum(embed, feat) without the logits: the formulas on the float64 einsum."""
+    check_embeddings(case, chunk, "torch")
+
+
+@TRITON_FUZZ
+@given(embedding_cases())
+def test_fuzz_cost_from_embeddings_triton_interpreter(case):
+    """The same cases through the Triton kernel in the interpreter (no bfloat16 there)."""
+    assume(not any(t is not None and t.dtype == torch.bfloat16 for t in case[:6]))
+    check_embeddings(case, 1 << 20, "triton")
 
 
 @FUZZ
