@@ -5,10 +5,10 @@ intermediate of the whole mask is ever built.
 With x a mask logit, p = sigmoid(x), y a target in [0, 1] and P pixels:
 
 - BCE cost (Mask2Former): (BCE(x, 1) . y + BCE(x, 0) . (1 - y)) / P. Since
-  BCE(x, 1) - BCE(x, 0) = -x, this is (-x . y + sum softplus(x)) / P: one product.
+  BCE(x, 0) - BCE(x, 1) = x, this is (sum softplus(x) - x . y) / P: one product.
 - focal cost (MaskFormer, alpha, gamma): (pos . y + neg . (1 - y)) / P with
   pos = alpha (1-p)^gamma BCE(x, 1), neg = (1-alpha) p^gamma BCE(x, 0), i.e.
-  ((pos - neg) . y + sum neg) / P.
+  (sum neg - (neg - pos) . y) / P.
 - dice cost: 1 - (2 p . y + 1) / (sum p + sum y + 1).
 """
 
@@ -19,41 +19,47 @@ import torch
 CHUNK_ELEMENTS = 1 << 16  # logits per chunk: its handful of fp32 temporaries stay in L2
 
 
-def _mask_terms(x: torch.Tensor, mask_cost: str, alpha: float, gamma: float, buf: torch.Tensor):
-    """Per-logit terms of a chunk of fp32 logits x ``[Q, c]``: ``(weight, sign, bias, p)`` with
-    mask cost * P = sign * weight . y + sum bias, and p = sigmoid(x) for the dice. ``buf``
-    ``[4, Q, c]`` is scratch reused chunk after chunk (on the CPU, fresh temporaries would
-    cost a trip to memory each), so the results are only valid until the next call."""
+def _mask_terms(x: torch.Tensor, mask_cost: str, alpha: float, gamma: float, buf: list):
+    """Per-logit terms of a chunk of fp32 logits x ``[Q, c]``: ``(diff, neg, p)``, with neg and
+    pos the terms of y = 0 and y = 1, diff = neg - pos (mask cost * P = sum neg - diff . y)
+    and p = sigmoid(x) for the dice. ``buf``: five ``[Q, c]`` scratch tensors reused chunk
+    after chunk (on the CPU, fresh temporaries would cost a trip to memory each), so the
+    results are only valid until the next call."""
     p = torch.sigmoid(x, out=buf[0])
-    q = torch.sub(x.new_ones(()), p, out=buf[1])  # 1 - p = sigmoid(-x)
+    q = torch.sub(1.0, p, out=buf[1])  # 1 - p = sigmoid(-x)
     # softplus(x) = max(x, 0) + log(1 + e^-|x|) and log(1 + e^-|x|) = -log sigmoid(|x|), where
     # sigmoid(|x|) = max(p, 1 - p) is in [0.5, 1]: one log instead of softplus's exp and log1p
     log_m = torch.maximum(p, q, out=buf[2]).log_()
     neg = torch.clamp_min(x, 0, out=buf[3]).sub_(log_m)  # BCE(x, 0) = softplus(x)
     if mask_cost == "bce":
-        return x, -1.0, neg, p  # (BCE(x, 1) - BCE(x, 0)) . y = -x . y
+        return x, neg, p  # BCE(x, 0) - BCE(x, 1) = x
     pos = torch.sub(neg, x, out=buf[2])  # BCE(x, 1) = softplus(-x)
-    pos.mul_(q.pow_(gamma)).mul_(alpha)  # alpha (1 - p)^gamma BCE(x, 1)
-    neg.mul_(torch.pow(p, gamma, out=buf[1])).mul_(1 - alpha)  # (1 - alpha) p^gamma BCE(x, 0)
-    return pos.sub_(neg), 1.0, neg, p
+    neg.mul_(torch.pow(p, gamma, out=buf[4])).mul_(1 - alpha)  # (1 - alpha) p^gamma BCE(x, 0)
+    # diff = neg - alpha (1 - p)^gamma BCE(x, 1)
+    return torch.addcmul(neg, q.pow_(gamma), pos, value=-alpha, out=buf[2]), neg, p
 
 
 def _image_cost(logit_chunks, y, P, mask_cost, alpha, gamma):
     """Mask and dice cost ``[Q, n]`` of one image: ``logit_chunks`` yields ``(start, x [Q, c])``,
     the logits of pixels ``start : start + c``; y ``[n, P]`` its targets (no padding)."""
-    wy = py = bias = psum = buf = 0.0
+    y = y.float()
     for start, x in logit_chunks:
-        if start == 0:
-            buf = x.new_empty((4, *x.shape), dtype=torch.float32)
-        weight, sign, b, p = _mask_terms(x.float(), mask_cost, alpha, gamma, buf[..., : x.shape[-1]])
-        yt = y[:, start : start + x.shape[-1]].float().T
-        wy = wy + weight @ yt  # [Q, n]
-        py = py + p @ yt  # p . y
-        bias = bias + b.sum(-1)  # [Q]
-        psum = psum + p.sum(-1)  # sum p
-    ysum = y.float().sum(-1)  # sum y  [n]
-    mask = (sign * wy + bias[:, None]) / max(P, 1)
-    dice = 1 - (2 * py + 1) / (psum[:, None] + ysum + 1)
+        c = x.shape[-1]
+        if start == 0:  # the first chunk is the longest
+            Q = x.shape[0]
+            dy, py = y.new_zeros(Q, len(y)), y.new_zeros(Q, len(y))  # diff . y, p . y
+            neg_sum, psum = y.new_zeros(Q), y.new_zeros(Q)  # sum neg, sum p
+            buf = scratch = y.new_empty(5, Q, c).unbind(0)
+        elif c != buf[0].shape[-1]:
+            buf = [t[:, :c] for t in scratch]
+        diff, neg, p = _mask_terms(x.float(), mask_cost, alpha, gamma, buf)
+        yt = y[:, start : start + c].T
+        dy.addmm_(diff, yt)  # two products: cheaper here than one of the two stacked
+        py.addmm_(p, yt)
+        neg_sum += neg.sum(-1)
+        psum += p.sum(-1)
+    mask = (neg_sum[:, None] - dy) / max(P, 1)
+    dice = 1 - (2 * py + 1) / (psum[:, None] + y.sum(-1) + 1)
     return mask, dice
 
 
