@@ -184,9 +184,13 @@ class HungarianMatcher(nn.Module):
             # On the CPU, image by image: the points sampled from an image's predictions
             # ([Q, P], a few MB) are costed while still in cache, and no [B, Q, P] tensor
             # (fresh memory, page faults) is written and read back.
-            return torch.cat([self._image_cost(masks[b : b + 1], logits[b : b + 1], tgt_masks[b : b + 1],
-                                               tgt_labels[b : b + 1], counts[b : b + 1], coords[b : b + 1])
-                              for b in range(masks.shape[0])])
+            T = tgt_masks.shape[1]
+            cost = []
+            for b, n in enumerate(counts.tolist()):  # only the image's own targets are sampled
+                c = self._image_cost(masks[b : b + 1], logits[b : b + 1], tgt_masks[b : b + 1, :n],
+                                     tgt_labels[b : b + 1, :n], counts[b : b + 1], coords[b : b + 1])
+                cost.append(F.pad(c, (0, T - n), value=float("inf")))
+            return torch.cat(cost)
         return self._image_cost(masks, logits, tgt_masks, tgt_labels, counts, coords)
 
     def _image_cost(self, masks, logits, tgt_masks, tgt_labels, counts, coords):
