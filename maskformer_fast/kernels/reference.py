@@ -39,16 +39,15 @@ def _mask_terms(x: torch.Tensor, mask_cost: str, alpha: float, gamma: float, buf
     return torch.addcmul(neg, q.pow_(gamma), pos, value=-alpha, out=buf[2]), neg, p
 
 
-def _image_cost(logit_chunks, y, P, mask_cost, alpha, gamma):
+def _image_cost(logit_chunks, y, Q, P, mask_cost, alpha, gamma):
     """Mask and dice cost ``[Q, n]`` of one image: ``logit_chunks`` yields ``(start, x [Q, c])``,
     the logits of pixels ``start : start + c``; y ``[n, P]`` its targets (no padding)."""
     y = y.float()
+    dy, py = y.new_zeros(Q, len(y)), y.new_zeros(Q, len(y))  # diff . y, p . y
+    neg_sum, psum = y.new_zeros(Q), y.new_zeros(Q)  # sum neg, sum p
     for start, x in logit_chunks:
         c = x.shape[-1]
         if start == 0:  # the first chunk is the longest
-            Q = x.shape[0]
-            dy, py = y.new_zeros(Q, len(y)), y.new_zeros(Q, len(y))  # diff . y, p . y
-            neg_sum, psum = y.new_zeros(Q), y.new_zeros(Q)  # sum neg, sum p
             buf = scratch = y.new_empty(5, Q, c).unbind(0)
         elif c != buf[0].shape[-1]:
             buf = [t[:, :c] for t in scratch]
@@ -93,7 +92,7 @@ def pairwise_mask_cost_torch(mask_logits, tgt_masks, tgt_counts=None, class_logi
     T = tgt_masks.shape[1]
 
     def image_cost(b, n):
-        return _image_cost(_chunks(mask_logits[b]), tgt_masks[b, :n], P, mask_cost, alpha, gamma)
+        return _image_cost(_chunks(mask_logits[b]), tgt_masks[b, :n], Q, P, mask_cost, alpha, gamma)
 
     return _cost(image_cost, B, Q, T, P, mask_logits.device, class_logits, tgt_labels, tgt_counts,
                  w_class, w_mask, w_dice)
@@ -114,7 +113,7 @@ def mask_cost_from_embeddings_torch(mask_embed, pixel_feat, tgt_masks, tgt_count
     def image_cost(b, n):
         step = max(1, CHUNK_ELEMENTS // max(Q, 1))
         chunks = ((s, embed[b] @ feat[b, :, s : s + step].float()) for s in range(0, P, step))
-        return _image_cost(chunks, y[b, :n], P, mask_cost, alpha, gamma)
+        return _image_cost(chunks, y[b, :n], Q, P, mask_cost, alpha, gamma)
 
     return _cost(image_cost, B, Q, T, P, mask_embed.device, class_logits, tgt_labels, tgt_counts,
                  w_class, w_mask, w_dice)
