@@ -31,7 +31,16 @@ NONFINITE_POLICIES = ("raise", "forbid")
 def point_sample(masks: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Bilinear samples of ``masks [B, N, H, W]`` at ``coords [B, P, 2]`` in [0, 1]^2 (x, y),
     as Mask2Former's ``point_sample``: ``grid_sample(masks, 2 * coords - 1)``. -> ``[B, N, P]``."""
-    grid = (2.0 * coords - 1.0).unsqueeze(1).to(masks.dtype)
+    grid = (2.0 * coords - 1.0).unsqueeze(1).to(masks.dtype)  # [B, 1, P, 2]
+    N = masks.shape[1]
+    if N > 1 and masks.device.type == "cpu" and len(masks):
+        # grid_sample interpolates point by point, all N planes of an image for each point: on
+        # the CPU that walks N * H * W floats per point and misses the cache. One plane per
+        # sample and the image's grid repeated (as Mask2Former calls it, with an expanded grid:
+        # no copy) keeps one plane in cache at a time: same values, several times faster.
+        out = [F.grid_sample(m[:, None], g.expand(N, -1, -1, -1), mode="bilinear", align_corners=False).flatten(1)
+               for m, g in zip(masks, grid)]
+        return out[0][None] if len(out) == 1 else torch.stack(out)
     return F.grid_sample(masks, grid, mode="bilinear", align_corners=False).squeeze(2)
 
 
@@ -172,7 +181,23 @@ class HungarianMatcher(nn.Module):
 
     def _cost(self, masks, logits, tgt_masks, tgt_labels, counts):
         """The cost ``[B, Q, T]`` of one layer's predictions against the padded targets."""
-        pred, tgt = self._sample(masks, tgt_masks)
+        coords = self._points(masks) if self.num_points else None
+        if coords is not None and masks.device.type == "cpu" and len(masks):
+            # On the CPU, image by image: the points sampled from an image's predictions
+            # ([Q, P], a few MB) are costed while still in cache, and no [B, Q, P] tensor
+            # (fresh memory, page faults) is written and read back.
+            T = tgt_masks.shape[1]
+            cost = []
+            for b, n in enumerate(counts.tolist()):  # only the image's own targets are sampled
+                c = self._image_cost(masks[b : b + 1], logits[b : b + 1], tgt_masks[b : b + 1, :n],
+                                     tgt_labels[b : b + 1, :n], counts[b : b + 1], coords[b : b + 1])
+                cost.append(F.pad(c, (0, T - n), value=float("inf")))
+            return torch.cat(cost)
+        return self._image_cost(masks, logits, tgt_masks, tgt_labels, counts, coords)
+
+    def _image_cost(self, masks, logits, tgt_masks, tgt_labels, counts, coords):
+        """The cost of a batch of images (or of one) at its sampling points (None: all pixels)."""
+        pred, tgt = self._sample(masks, tgt_masks, coords)
         return pairwise_mask_cost(
             pred,
             tgt,
@@ -186,21 +211,23 @@ class HungarianMatcher(nn.Module):
             backend=self.backend,
         )
 
-    def _sample(self, pred: torch.Tensor, tgt: torch.Tensor):
+    def _points(self, pred: torch.Tensor) -> torch.Tensor:
+        """``[B, P, 2]`` uniform points: one set per image, drawn image after image as the
+        reference matchers draw them, shared by the predictions and the targets of that image."""
+        device = self.generator.device if self.generator is not None else pred.device
+        draws = [torch.rand(self.num_points, 2, generator=self.generator, device=device) for _ in range(pred.shape[0])]
+        return (torch.stack(draws) if draws else torch.zeros(0, self.num_points, 2, device=device)).to(pred.device)
+
+    def _sample(self, pred: torch.Tensor, tgt: torch.Tensor, coords: torch.Tensor | None):
         """Predictions ``[B, Q, h, w]`` and targets ``[B, T, H, W]`` as ``[B, Q, P]`` and
-        ``[B, T, P]`` at the same pixels or points."""
+        ``[B, T, P]`` at the same pixels (coords None) or points ``coords [B, P, 2]``."""
         B, _, h, w = pred.shape
         T = tgt.shape[1]
-        if self.num_points == 0:
+        if coords is None:
             if tgt.shape[-2:] != (h, w):
                 tgt = F.interpolate(tgt, size=(h, w), mode="nearest") if T else tgt.new_zeros(B, 0, h, w)
             return pred.flatten(2).float(), tgt.flatten(2)
-        # One set of points per image, drawn image after image as the reference matchers
-        # draw them, shared by the predictions and the targets of that image.
-        device = self.generator.device if self.generator is not None else pred.device
-        draws = [torch.rand(self.num_points, 2, generator=self.generator, device=device) for _ in range(B)]
-        coords = (torch.stack(draws) if B else torch.zeros(0, self.num_points, 2, device=device)).to(pred.device)
-        tgt_points = point_sample(tgt, coords) if T else tgt.new_zeros(B, 0, self.num_points)
+        tgt_points = point_sample(tgt, coords) if T else tgt.new_zeros(B, 0, coords.shape[1])
         return point_sample(pred.float(), coords), tgt_points
 
     def _check_finite(self, cost: torch.Tensor, counts: torch.Tensor, B: int) -> None:

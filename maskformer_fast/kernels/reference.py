@@ -5,73 +5,90 @@ intermediate of the whole mask is ever built.
 With x a mask logit, p = sigmoid(x), y a target in [0, 1] and P pixels:
 
 - BCE cost (Mask2Former): (BCE(x, 1) . y + BCE(x, 0) . (1 - y)) / P. Since
-  BCE(x, 1) - BCE(x, 0) = -x, this is (-x . y + sum softplus(x)) / P: one product.
+  BCE(x, 0) - BCE(x, 1) = x, this is (sum softplus(x) - x . y) / P: one product.
 - focal cost (MaskFormer, alpha, gamma): (pos . y + neg . (1 - y)) / P with
   pos = alpha (1-p)^gamma BCE(x, 1), neg = (1-alpha) p^gamma BCE(x, 0), i.e.
-  ((pos - neg) . y + sum neg) / P.
+  (sum neg - (neg - pos) . y) / P.
 - dice cost: 1 - (2 p . y + 1) / (sum p + sum y + 1).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-CHUNK_ELEMENTS = 1 << 20  # logits per chunk (4 MiB of fp32: cache-sized passes)
+CHUNK_ELEMENTS = 1 << 16  # logits per chunk: its handful of fp32 temporaries stay in L2
 
 
-def _accumulate(x: torch.Tensor, y: torch.Tensor, mask_cost: str, alpha: float, gamma: float, acc: list):
-    """Adds one chunk of pixels: x ``[B, Q, p]`` logits, y ``[B, T, p]`` targets, in fp32."""
-    x = x.float()
-    p = x.sigmoid()
-    neg = F.softplus(x)  # BCE(x, 0); BCE(x, 1) = neg - x
+def _mask_terms(x: torch.Tensor, mask_cost: str, alpha: float, gamma: float, buf: list):
+    """Per-logit terms of a chunk of fp32 logits x ``[Q, c]``: ``(diff, neg, p)``, with neg and
+    pos the terms of y = 0 and y = 1, diff = neg - pos (mask cost * P = sum neg - diff . y)
+    and p = sigmoid(x) for the dice. ``buf``: five ``[Q, c]`` scratch tensors reused chunk
+    after chunk (on the CPU, fresh temporaries would cost a trip to memory each), so the
+    results are only valid until the next call."""
+    p = torch.sigmoid(x, out=buf[0])
+    q = torch.sub(1.0, p, out=buf[1])  # 1 - p = sigmoid(-x)
+    # softplus(x) = max(x, 0) + log(1 + e^-|x|) and log(1 + e^-|x|) = -log sigmoid(|x|), where
+    # sigmoid(|x|) = max(p, 1 - p) is in [0.5, 1]: one log instead of softplus's exp and log1p
+    log_m = torch.maximum(p, q, out=buf[2]).log_()
+    neg = torch.clamp_min(x, 0, out=buf[3]).sub_(log_m)  # BCE(x, 0) = softplus(x)
     if mask_cost == "bce":
-        weight, bias, sign = x, neg, -1.0  # (BCE(x, 1) - BCE(x, 0)) . y = -x . y
-    else:  # in place: every pass over the chunk counts on the CPU
-        pos = (neg - x).mul_((1 - p).pow_(gamma)).mul_(alpha)
-        neg = neg.mul_(p.pow(gamma)).mul_(1 - alpha)
-        weight, bias, sign = pos.sub_(neg), neg, 1.0
-    yt = y.transpose(1, 2)
-    acc[0] += sign * torch.bmm(weight, yt)  # [B, Q, T]
-    acc[1] += bias.sum(-1)  # [B, Q]
-    acc[2] += torch.bmm(p, yt)  # p . y
-    acc[3] += p.sum(-1)  # sum p
-    acc[4] += y.sum(-1)  # sum y  [B, T]
+        return x, neg, p  # BCE(x, 0) - BCE(x, 1) = x
+    pos = torch.sub(neg, x, out=buf[2])  # BCE(x, 1) = softplus(-x)
+    neg.mul_(torch.pow(p, gamma, out=buf[4])).mul_(1 - alpha)  # (1 - alpha) p^gamma BCE(x, 0)
+    # diff = neg - alpha (1 - p)^gamma BCE(x, 1)
+    return torch.addcmul(neg, q.pow_(gamma), pos, value=-alpha, out=buf[2]), neg, p
 
 
-def _finish(acc, P, class_logits, tgt_labels, tgt_counts, w_class, w_mask, w_dice) -> torch.Tensor:
-    mask = (acc[0] + acc[1][..., None]) / max(P, 1)
-    dice = 1 - (2 * acc[2] + 1) / (acc[3][..., None] + acc[4][:, None, :] + 1)
-    cost = w_mask * mask + w_dice * dice
-    if class_logits is not None and w_class != 0 and cost.shape[-1]:
+def _image_cost(logit_chunks, y, Q, P, mask_cost, alpha, gamma):
+    """Mask and dice cost ``[Q, n]`` of one image: ``logit_chunks`` yields ``(start, x [Q, c])``,
+    the logits of pixels ``start : start + c``; y ``[n, P]`` its targets (no padding)."""
+    y = y.float()
+    dy, py = y.new_zeros(Q, len(y)), y.new_zeros(Q, len(y))  # diff . y, p . y
+    neg_sum, psum = y.new_zeros(Q), y.new_zeros(Q)  # sum neg, sum p
+    for start, x in logit_chunks:
+        c = x.shape[-1]
+        if start == 0:  # the first chunk is the longest
+            buf = scratch = y.new_empty(5, Q, c).unbind(0)
+        elif c != buf[0].shape[-1]:
+            buf = [t[:, :c] for t in scratch]
+        diff, neg, p = _mask_terms(x.float(), mask_cost, alpha, gamma, buf)
+        yt = y[:, start : start + c].T
+        dy.addmm_(diff, yt)  # two products: cheaper here than one of the two stacked
+        py.addmm_(p, yt)
+        neg_sum += neg.sum(-1)
+        psum += p.sum(-1)
+    mask = (neg_sum[:, None] - dy) / max(P, 1)
+    dice = 1 - (2 * py + 1) / (psum[:, None] + y.sum(-1) + 1)
+    return mask, dice
+
+
+def _chunks(x: torch.Tensor):
+    """``(start, x[:, start : start + step])`` over the pixels of one image's logits ``[Q, P]``."""
+    step = max(1, CHUNK_ELEMENTS // max(x.shape[0], 1))
+    return ((start, x[:, start : start + step]) for start in range(0, x.shape[-1], step))
+
+
+def _cost(image_cost, B, Q, T, P, device, class_logits, tgt_labels, tgt_counts, w_class, w_mask, w_dice):
+    """The ``[B, Q, T]`` cost: image by image, each against its own targets only (padding
+    targets are never read, so they may hold anything, even NaN), +inf in the padding."""
+    counts = [T] * B if tgt_counts is None else [min(max(int(n), 0), T) for n in tgt_counts.tolist()]
+    cost = torch.full((B, Q, T), float("inf"), device=device)
+    for b, n in enumerate(counts):
+        if n == 0 or Q == 0:
+            continue
+        mask, dice = image_cost(b, n)
+        cost[b, :, :n] = w_mask * mask + w_dice * dice
+    if class_logits is not None and w_class != 0 and T:
         prob = class_logits.float().softmax(-1)
         K1 = prob.shape[-1]
-        labels = tgt_labels.to(cost.device)
-        picked = torch.gather(prob, 2, labels.clamp(0, K1 - 1)[:, None, :].expand(-1, cost.shape[1], -1))
-        # a label outside [0, K] is NaN (padding labels may be anything: +inf below)
-        picked = picked.masked_fill(((labels < 0) | (labels >= K1))[:, None, :], float("nan"))
-        cost = cost - w_class * picked
-    if tgt_counts is not None:
-        T = cost.shape[-1]
-        padding = torch.arange(T, device=cost.device) >= tgt_counts.to(cost.device)[:, None]
-        cost = cost.masked_fill(padding[:, None, :], float("inf"))
+        labels = tgt_labels.to(device)
+        picked = torch.gather(prob, 2, labels.clamp(0, K1 - 1)[:, None, :].expand(-1, Q, -1))
+        # a label outside [0, K] of a valid target is NaN; the padding (any label, any class
+        # score, even one whose softmax is NaN) stays +inf
+        valid = (torch.arange(T, device=device) < torch.tensor(counts, device=device)[:, None])[:, None, :]
+        cost -= w_class * picked.masked_fill(((labels < 0) | (labels >= K1))[:, None, :] & valid, float("nan"))
+        cost.masked_fill_(~valid, float("inf"))
     return cost
-
-
-def _zeros(B, Q, T, device):
-    return [torch.zeros(B, Q, T, device=device), torch.zeros(B, Q, device=device),
-            torch.zeros(B, Q, T, device=device), torch.zeros(B, Q, device=device),
-            torch.zeros(B, T, device=device)]
-
-
-def _valid_targets(tgt_masks: torch.Tensor, tgt_counts: torch.Tensor | None) -> torch.Tensor:
-    """Targets in fp32 with padding rows zeroed (padding may hold anything, even NaN)."""
-    y = tgt_masks.float()
-    if tgt_counts is not None:
-        T = y.shape[1]
-        keep = torch.arange(T, device=y.device) < tgt_counts.to(y.device)[:, None]
-        y = torch.where(keep.view(*keep.shape, *([1] * (y.dim() - 2))), y, torch.zeros((), device=y.device))
-    return y
 
 
 def pairwise_mask_cost_torch(mask_logits, tgt_masks, tgt_counts=None, class_logits=None, tgt_labels=None, *,
@@ -79,12 +96,12 @@ def pairwise_mask_cost_torch(mask_logits, tgt_masks, tgt_counts=None, class_logi
     """``[B, Q, P]`` logits against ``[B, T, P]`` targets -> float32 ``[B, Q, T]``."""
     B, Q, P = mask_logits.shape
     T = tgt_masks.shape[1]
-    y = _valid_targets(tgt_masks, tgt_counts)
-    acc = _zeros(B, Q, T, mask_logits.device)
-    step = max(1, CHUNK_ELEMENTS // max(B * Q, 1))
-    for start in range(0, P, step):
-        _accumulate(mask_logits[..., start : start + step], y[..., start : start + step], mask_cost, alpha, gamma, acc)
-    return _finish(acc, P, class_logits, tgt_labels, tgt_counts, w_class, w_mask, w_dice)
+
+    def image_cost(b, n):
+        return _image_cost(_chunks(mask_logits[b]), tgt_masks[b, :n], Q, P, mask_cost, alpha, gamma)
+
+    return _cost(image_cost, B, Q, T, P, mask_logits.device, class_logits, tgt_labels, tgt_counts,
+                 w_class, w_mask, w_dice)
 
 
 def mask_cost_from_embeddings_torch(mask_embed, pixel_feat, tgt_masks, tgt_counts=None, class_logits=None,
@@ -96,14 +113,16 @@ def mask_cost_from_embeddings_torch(mask_embed, pixel_feat, tgt_masks, tgt_count
     feat = pixel_feat.flatten(2)  # [B, C, P]
     P = feat.shape[-1]
     T = tgt_masks.shape[1]
-    y = _valid_targets(tgt_masks, tgt_counts).flatten(2)
-    acc = _zeros(B, Q, T, mask_embed.device)
+    y = tgt_masks.flatten(2)
     embed = mask_embed.float()
-    step = max(1, CHUNK_ELEMENTS // max(B * Q, 1))
-    for start in range(0, P, step):
-        x = torch.bmm(embed, feat[..., start : start + step].float())
-        _accumulate(x, y[..., start : start + step], mask_cost, alpha, gamma, acc)
-    return _finish(acc, P, class_logits, tgt_labels, tgt_counts, w_class, w_mask, w_dice)
+
+    def image_cost(b, n):
+        step = max(1, CHUNK_ELEMENTS // max(Q, 1))
+        chunks = ((s, embed[b] @ feat[b, :, s : s + step].float()) for s in range(0, P, step))
+        return _image_cost(chunks, y[b, :n], Q, P, mask_cost, alpha, gamma)
+
+    return _cost(image_cost, B, Q, T, P, mask_embed.device, class_logits, tgt_labels, tgt_counts,
+                 w_class, w_mask, w_dice)
 
 
 def mask_einsum_torch(mask_embed: torch.Tensor, pixel_feat: torch.Tensor) -> torch.Tensor:
