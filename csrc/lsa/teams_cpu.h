@@ -44,23 +44,45 @@ class SequentialTeam {
     return false;
   }
 
-  // Three passes over contiguous values: relax every column (vectorised by the
-  // compiler), find the lowest value, then rank the columns at it by their tie (more
-  // than one is common: tight edges give exactly equal path costs).
+  // Two passes over contiguous values: relax the columns eight at a time (the
+  // compiler vectorises the relaxation) keeping the lowest value of each of eight lanes,
+  // then rank the columns at the lowest value by their tie (more than one is common:
+  // tight edges give exactly equal path costs). A NaN value (a scanned column) is
+  // skipped: minpd returns its second operand when the first is NaN. The sign of a zero
+  // minimum depends on the order of the comparisons, which is why argmin returns the
+  // winner's own value.
   template <class Relax, class Tie>
   LSA_HOT Key argmin(int32_t n, Relax&& relax, const double* val, Tie&& tie) const {
-    // relax(k) touches the state of column k only: no dependence between iterations.
-#pragma GCC ivdep
-    for (int32_t k = 0; k < n; ++k) relax(k);
-    const double lowest = min_value(val, n);
-    Key best = Key::none();
-    if (lowest == kInf) return best;
+    double lowest = kInf;
     int32_t k = 0;
 #if defined(__AVX__)
+    __m256d lo0 = _mm256_set1_pd(kInf), lo1 = lo0;
+    for (; k + 8 <= n; k += 8) {
+      // relax(k) touches the state of column k only: no dependence between iterations.
+#pragma GCC unroll 1
+#pragma GCC ivdep
+      for (int32_t l = 0; l < 8; ++l) relax(k + l);
+      lo0 = _mm256_min_pd(_mm256_loadu_pd(val + k), lo0);
+      lo1 = _mm256_min_pd(_mm256_loadu_pd(val + k + 4), lo1);
+    }
+    alignas(32) double lanes[8];
+    _mm256_store_pd(lanes, lo0);
+    _mm256_store_pd(lanes + 4, lo1);
+    for (double x : lanes) lowest = x < lowest ? x : lowest;
+#endif
+    for (; k < n; ++k) {
+      relax(k);
+      lowest = val[k] < lowest ? val[k] : lowest;
+    }
+    Key best = Key::none();
+    if (lowest == kInf) return best;
+    k = 0;
+#if defined(__AVX__)
     const __m256d target = _mm256_set1_pd(lowest);
-    for (; k + 4 <= n; k += 4) {
-      for (int mask = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(val + k), target, _CMP_EQ_OQ));
-           mask != 0; mask &= mask - 1) {
+    for (; k + 8 <= n; k += 8) {
+      const int lo = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(val + k), target, _CMP_EQ_OQ));
+      const int hi = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(val + k + 4), target, _CMP_EQ_OQ));
+      for (int mask = lo | hi << 4; mask != 0; mask &= mask - 1) {
         const int32_t q = k + __builtin_ctz(mask);
         best = min_key(best, Key{val[q], tie(q), q});
       }
@@ -69,24 +91,6 @@ class SequentialTeam {
     for (; k < n; ++k)
       if (val[k] == lowest) best = min_key(best, Key{val[k], tie(k), k});
     return best;
-  }
-
- private:
-  // The minimum of val[0, n), NaN skipped (every comparison with NaN is false; minpd
-  // returns its second operand). The sign of a zero minimum depends on the order of
-  // the comparisons, which is why argmin returns the winner's own value.
-  LSA_HOT static double min_value(const double* val, int32_t n) {
-    double lowest = kInf;
-    int32_t k = 0;
-#if defined(__AVX__)
-    __m256d m = _mm256_set1_pd(kInf);
-    for (; k + 4 <= n; k += 4) m = _mm256_min_pd(_mm256_loadu_pd(val + k), m);
-    alignas(32) double lanes[4];
-    _mm256_store_pd(lanes, m);
-    for (double x : lanes) lowest = x < lowest ? x : lowest;
-#endif
-    for (; k < n; ++k) lowest = val[k] < lowest ? val[k] : lowest;
-    return lowest;
   }
 };
 
