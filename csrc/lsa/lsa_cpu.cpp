@@ -1,9 +1,12 @@
 // CPU kernels of maskformer_fast::lsa and maskformer_fast::lsa_duals: batch items in
 // parallel with at::parallel_for, one sequential team per item.
 //
-// Each item is copied once, oriented so that rows <= cols (transposed when
-// m < n, as scipy does), converted to float64 and negated for maximisation,
-// into a buffer allocated once per chunk of items.
+// An item is read in place when it can be: a float32 or float64 cost whose rows are
+// contiguous, not transposed, not negated. Otherwise it is copied once, oriented so that
+// rows <= cols (transposed when m < n, as scipy does) and negated for maximisation, into
+// a per-thread buffer, as float32 when every value of the input dtype is a float32
+// (bool, 8- and 16-bit integers, float16, bfloat16, float32), else as float64. The
+// solver converts each entry to float64 as it reads it; both conversions are exact.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -12,6 +15,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "teams_cpu.h"
@@ -28,37 +32,57 @@ struct Item {
   int32_t cols() const { return int32_t(transpose ? n : m); }
 };
 
+// The type an entry of dtype T is stored as when it is copied: float32 if that is exact.
+template <typename T>
+using Stored = std::conditional_t<std::is_same_v<T, double> || std::is_same_v<T, int32_t> ||
+                                      std::is_same_v<T, int64_t>,
+                                  double, float>;
+
+// The oriented cost of one item: entry (i, j) is data[i * ld + j].
+template <typename T>
 struct DenseCost {
-  const double* data;
-  int32_t ld;
-  double operator()(int32_t i, int32_t j) const { return data[int64_t(i) * ld + j]; }
+  const T* data;
+  int64_t ld;
+  double operator()(int32_t i, int32_t j) const { return double(data[i * ld + j]); }
 };
 
-// Per-chunk scratch, grown to the largest item once.
+// The entries as they would be stored, if that is how they are: read them in place.
+template <typename T, typename S>
+const T* as_stored(const S* p) {
+  if constexpr (std::is_same_v<S, T>) {
+    return p;
+  } else {
+    return nullptr;
+  }
+}
+
+// Per-thread scratch, grown to the largest item once.
+template <typename T>
 struct Scratch {
-  std::vector<double> cost, u, v, spc, sval;
+  std::vector<T> cost;
+  std::vector<double> u, v, spc, sval;
   std::vector<int32_t> col4row, row4col, path, at, lpos;
   lsa::SequentialTeam team;
 
   lsa::Workspace workspace(int64_t n, int64_t m) {
     u.resize(n), col4row.resize(n);
     v.resize(m), spc.resize(m), sval.resize(m), row4col.resize(m), path.resize(m), at.resize(m), lpos.resize(m);
-      return {u.data(), v.data(), spc.data(), sval.data(), col4row.data(), row4col.data(), path.data(),
+    return {u.data(), v.data(), spc.data(), sval.data(), col4row.data(), row4col.data(), path.data(),
             at.data(), lpos.data()};
   }
 };
 
-template <typename scalar_t>
+// Copies one item, oriented and negated for maximisation, into out (leading dimension
+// it.cols()).
+template <typename scalar_t, typename T>
 void load_oriented(const scalar_t* item, int64_t s_row, int64_t s_col, const Item& it,
-                   bool maximize, double* out) {
-  const double sign = maximize ? -1.0 : 1.0;
+                   bool maximize, T* out) {
   const int64_t ld = it.cols();
   for (int64_t r = 0; r < it.n; ++r) {
     const scalar_t* src = item + r * s_row;
-    if (it.transpose) {
-      for (int64_t c = 0; c < it.m; ++c) out[c * ld + r] = sign * static_cast<double>(src[c * s_col]);
-    } else {
-      for (int64_t c = 0; c < it.m; ++c) out[r * ld + c] = sign * static_cast<double>(src[c * s_col]);
+    for (int64_t c = 0; c < it.m; ++c) {
+      const T x = static_cast<T>(src[c * s_col]);
+      out[it.transpose ? c * ld + r : r * ld + c] = maximize ? -x : x;
     }
   }
 }
@@ -101,17 +125,22 @@ void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximi
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, N * M));
 
   AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, cost.scalar_type(), "lsa_cpu", [&] {
+    using T = Stored<scalar_t>;
     const scalar_t* base = cost.const_data_ptr<scalar_t>();
     const int64_t s0 = cost.stride(0), s1 = cost.stride(1), s2 = cost.stride(2);
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-      Scratch scratch;
+      Scratch<T> scratch;
       for (int64_t b = begin; b < end; ++b) {
         const Item& it = items[b];
         const int32_t n = it.rows(), m = it.cols();
-        scratch.cost.resize(int64_t(n) * m);
-        load_oriented(base + b * s0, s1, s2, it, maximize, scratch.cost.data());
+        DenseCost<T> view{nullptr, s1};
+        if (!it.transpose && !maximize && s2 == 1) view.data = as_stored<T>(base + b * s0);
+        if (view.data == nullptr) {
+          scratch.cost.resize(int64_t(n) * m);
+          load_oriented(base + b * s0, s1, s2, it, maximize, scratch.cost.data());
+          view = {scratch.cost.data(), m};
+        }
         const lsa::Workspace w = scratch.workspace(n, m);
-        const DenseCost view{scratch.cost.data(), m};
         int32_t result;
         if (lanes <= 1) {
           result = lsa::solve(scratch.team, view, n, m, w);
