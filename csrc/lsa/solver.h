@@ -15,8 +15,9 @@
 // A team is the group of lanes that solves one problem together: one thread on
 // the CPU, a warp or a block on the GPU. The body below only uses
 //   size, leader(), sync(), for_each(n, f), any(rows, cols, pred), argmin(n, relax, values, tie)
-// where argmin(n, relax, values, tie) calls relax(k) once for every k (which updates
-// values[k]; NaN marks a k that is no candidate) and then all-reduces the keys
+// where argmin(n, relax, values, tie) calls relax(k) for every k (which updates
+// values[k]; NaN marks a k that is no candidate; calling it again for the same k
+// changes nothing, so a team may) and then all-reduces the keys
 // (values[k], tie(k), k). The Key's tie rank is unique per column, so the
 // keys are strictly totally ordered and every reduction order (a sequential scan,
 // a warp butterfly, a block of warps) returns the same column. Every lane runs

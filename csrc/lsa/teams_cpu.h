@@ -37,58 +37,65 @@ class SequentialTeam {
   template <class Pred>
   LSA_HOT bool any(int32_t rows, int32_t cols, Pred&& pred) const {
     for (int32_t i = 0; i < rows; ++i) {
-      bool found = false;  // no early exit inside a row: the compiler vectorises it
-      for (int32_t j = 0; j < cols; ++j) found |= pred(i, j);
+      int32_t found = 0;  // a count, no early exit inside a row: the compiler vectorises it
+      for (int32_t j = 0; j < cols; ++j) found += pred(i, j);
       if (found) return true;
     }
     return false;
   }
 
-  // Two passes over contiguous values: relax the columns eight at a time (the
-  // compiler vectorises the relaxation) keeping the lowest value of each of eight lanes,
+  // Two passes over contiguous values, in blocks of eight columns: relax each block (the
+  // compiler vectorises the relaxation) and keep the lowest value of each of eight lanes,
   // then rank the columns at the lowest value by their tie (more than one is common:
-  // tight edges give exactly equal path costs). A NaN value (a scanned column) is
-  // skipped: minpd returns its second operand when the first is NaN. The sign of a zero
-  // minimum depends on the order of the comparisons, which is why argmin returns the
-  // winner's own value.
+  // tight edges give exactly equal path costs). The last block is shifted back to end
+  // at n, overlapping the one before: relaxing a column twice changes nothing, and
+  // neither does meeting its key twice. A NaN value (a scanned column) is skipped:
+  // minpd returns its second operand when the first is NaN. The sign of a zero minimum
+  // depends on the order of the comparisons, which is why argmin returns the winner's
+  // own value.
   template <class Relax, class Tie>
   LSA_HOT Key argmin(int32_t n, Relax&& relax, const double* val, Tie&& tie) const {
-    double lowest = kInf;
-    int32_t k = 0;
+    Key best = Key::none();
 #if defined(__AVX__)
-    __m256d lo0 = _mm256_set1_pd(kInf), lo1 = lo0;
-    for (; k + 8 <= n; k += 8) {
-      // relax(k) touches the state of column k only: no dependence between iterations.
+    if (n >= 8) {
+      __m256d lo0 = _mm256_set1_pd(kInf), lo1 = lo0;
+      const auto relax_block = [&](int32_t b) {
+        // relax(j) touches the state of column j only: no dependence between iterations.
 #pragma GCC unroll 1
 #pragma GCC ivdep
-      for (int32_t l = 0; l < 8; ++l) relax(k + l);
-      lo0 = _mm256_min_pd(_mm256_loadu_pd(val + k), lo0);
-      lo1 = _mm256_min_pd(_mm256_loadu_pd(val + k + 4), lo1);
+        for (int32_t l = 0; l < 8; ++l) relax(b + l);
+        lo0 = _mm256_min_pd(_mm256_loadu_pd(val + b), lo0);
+        lo1 = _mm256_min_pd(_mm256_loadu_pd(val + b + 4), lo1);
+      };
+      for (int32_t b = 0; b + 8 <= n; b += 8) relax_block(b);
+      if (n % 8 != 0) relax_block(n - 8);
+      alignas(32) double lanes[8];
+      _mm256_store_pd(lanes, lo0);
+      _mm256_store_pd(lanes + 4, lo1);
+      double lowest = kInf;
+      for (double x : lanes) lowest = x < lowest ? x : lowest;
+      if (lowest == kInf) return best;
+      const __m256d target = _mm256_set1_pd(lowest);
+      const auto rank_block = [&](int32_t b) {
+        const int lo = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(val + b), target, _CMP_EQ_OQ));
+        const int hi = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(val + b + 4), target, _CMP_EQ_OQ));
+        for (int mask = lo | hi << 4; mask != 0; mask &= mask - 1) {
+          const int32_t q = b + __builtin_ctz(mask);
+          best = min_key(best, Key{val[q], tie(q), q});
+        }
+      };
+      for (int32_t b = 0; b + 8 <= n; b += 8) rank_block(b);
+      if (n % 8 != 0) rank_block(n - 8);
+      return best;
     }
-    alignas(32) double lanes[8];
-    _mm256_store_pd(lanes, lo0);
-    _mm256_store_pd(lanes + 4, lo1);
-    for (double x : lanes) lowest = x < lowest ? x : lowest;
 #endif
-    for (; k < n; ++k) {
+    double lowest = kInf;
+    for (int32_t k = 0; k < n; ++k) {
       relax(k);
       lowest = val[k] < lowest ? val[k] : lowest;
     }
-    Key best = Key::none();
     if (lowest == kInf) return best;
-    k = 0;
-#if defined(__AVX__)
-    const __m256d target = _mm256_set1_pd(lowest);
-    for (; k + 8 <= n; k += 8) {
-      const int lo = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(val + k), target, _CMP_EQ_OQ));
-      const int hi = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(val + k + 4), target, _CMP_EQ_OQ));
-      for (int mask = lo | hi << 4; mask != 0; mask &= mask - 1) {
-        const int32_t q = k + __builtin_ctz(mask);
-        best = min_key(best, Key{val[q], tie(q), q});
-      }
-    }
-#endif
-    for (; k < n; ++k)
+    for (int32_t k = 0; k < n; ++k)
       if (val[k] == lowest) best = min_key(best, Key{val[k], tie(k), k});
     return best;
   }
