@@ -72,17 +72,17 @@ struct Scratch {
   }
 };
 
-// Copies one item, oriented and negated for maximisation, into out (leading dimension
-// it.cols()).
+// Copies one item, oriented and negated for maximisation, into out (row-major,
+// it.rows() x it.cols()). Written in order: a transposed item is read down its columns.
 template <typename scalar_t, typename T>
 void load_oriented(const scalar_t* item, int64_t s_row, int64_t s_col, const Item& it,
                    bool maximize, T* out) {
-  const int64_t ld = it.cols();
-  for (int64_t r = 0; r < it.n; ++r) {
-    const scalar_t* src = item + r * s_row;
-    for (int64_t c = 0; c < it.m; ++c) {
-      const T x = static_cast<T>(src[c * s_col]);
-      out[it.transpose ? c * ld + r : r * ld + c] = maximize ? -x : x;
+  const int64_t rows = it.rows(), cols = it.cols();
+  const int64_t sr = it.transpose ? s_col : s_row, sc = it.transpose ? s_row : s_col;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const T x = static_cast<T>(item[r * sr + c * sc]);
+      out[r * cols + c] = maximize ? -x : x;
     }
   }
 }
