@@ -44,6 +44,7 @@ struct DenseCost {
   const T* data;
   int64_t ld;
   double operator()(int32_t i, int32_t j) const { return double(data[i * ld + j]); }
+  const T* row(int32_t i) const { return data + i * ld; }
 };
 
 // The entries as they would be stored, if that is how they are: read them in place.

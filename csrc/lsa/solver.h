@@ -98,6 +98,36 @@ struct Workspace {
   int32_t* lpos;  // inverse of `at` for the columns not yet scanned
 };
 
+// The relaxation of one Dijkstra step: the edges of row i, on top of the path cost
+// min_val to row i. relax(j) updates column j: its path cost becomes the reduced cost
+// ((min_val + c[i][j]) - u[i]) - v[j] where that is lower (a scanned column, NaN,
+// compares false and stays), and its path entry i with it; the first step of a
+// Dijkstra (min_val 0) sets every column outright (scipy's reset to +inf followed by a
+// relaxation that wins wherever the edge is finite; a column left at +inf keeps a stale
+// path entry, which is never read: it cannot be picked while feasible). The fields are
+// copies, so the compiler knows that the stores cannot change what relax(j) reads.
+template <class Cost>
+struct Relax {
+  Cost cost;
+  Workspace w;
+  double min_val, ui;  // ui = u[i]
+  int32_t i;
+  bool first;
+
+  LSA_HD void operator()(int32_t j) const {
+    const double r = ((min_val + cost(i, j)) - ui) - w.v[j];
+    if (first) {
+      w.spc[j] = r;
+      w.path[j] = i;
+      return;
+    }
+    const double s = w.spc[j];
+    const bool better = r < s;
+    w.spc[j] = select(better, r, s);
+    w.path[j] = select(better, i, w.path[j]);
+  }
+};
+
 // Solves min sum c(i, col4row[i]) for an n x m problem with n <= m, `cost(i, j)`
 // returning the entry as a double (already negated for maximisation).
 // Returns kOk with w.col4row, w.u, w.v filled; kInvalid if an entry is NaN or -inf;
@@ -127,31 +157,10 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
     team.sync();
     double min_val = 0.0;
     int32_t i = cur, nrem = m, sink = -1;
-    // The first step sets every column's path cost (scipy's reset to +inf followed by
-    // a relaxation that wins wherever the edge is finite). A column left at +inf keeps
-    // a stale path entry, which is never read: it cannot be picked while feasible.
-    auto first = [w, cost, i, ui = w.u[i]](int32_t j) {
-      w.spc[j] = ((0.0 + cost(i, j)) - ui) - w.v[j];
-      w.path[j] = i;
-    };
     auto tie = [w, m](int32_t j) { return tie_rank(w.lpos[j], w.row4col[j] < 0, m); };
-    for (bool initial = true; sink < 0; initial = false) {
-      // Relax the edges of row i; a scanned column (spc NaN) compares false and stays.
-      // The lambda captures by value so that the compiler knows the stores cannot
-      // change what it reads, and vectorises it.
-      auto relax = [w, cost, min_val, i, ui = w.u[i]](int32_t j) {
-        const double r = ((min_val + cost(i, j)) - ui) - w.v[j];
-        const double s = w.spc[j];
-        const bool better = r < s;
-        w.spc[j] = select(better, r, s);
-        w.path[j] = select(better, i, w.path[j]);
-      };
-      Key best;
-      if (initial) {
-        best = team.argmin(m, first, w.spc, tie);
-      } else {
-        best = team.argmin(m, relax, w.spc, tie);
-      }
+    for (bool first = true; sink < 0; first = false) {
+      const Relax<Cost> relax{cost, w, min_val, w.u[i], i, first};
+      const Key best = team.argmin(m, relax, w.spc, tie);
       min_val = best.value;
       if (min_val == kInf) return kInfeasible;
       const int32_t j = best.col;

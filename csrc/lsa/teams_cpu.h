@@ -44,61 +44,124 @@ class SequentialTeam {
     return false;
   }
 
-  // Two passes over contiguous values, in blocks of eight columns: relax each block (the
-  // compiler vectorises the relaxation) and keep the lowest value of each of eight lanes,
-  // then rank the columns at the lowest value by their tie (more than one is common:
-  // tight edges give exactly equal path costs). The last block is shifted back to end
-  // at n, overlapping the one before: relaxing a column twice changes nothing, and
-  // neither does meeting its key twice. A NaN value (a scanned column) is skipped:
-  // minpd returns its second operand when the first is NaN. The sign of a zero minimum
-  // depends on the order of the comparisons, which is why argmin returns the winner's
-  // own value.
   template <class Relax, class Tie>
-  LSA_HOT Key argmin(int32_t n, Relax&& relax, const double* val, Tie&& tie) const {
-    Key best = Key::none();
+  LSA_HOT Key argmin(int32_t n, const Relax& relax, const double* val, Tie&& tie) const {
 #if defined(__AVX__)
-    if (n >= 8) {
-      __m256d lo0 = _mm256_set1_pd(kInf), lo1 = lo0;
-      const auto relax_block = [&](int32_t b) {
-        // relax(j) touches the state of column j only: no dependence between iterations.
-#pragma GCC unroll 1
-#pragma GCC ivdep
-        for (int32_t l = 0; l < 8; ++l) relax(b + l);
-        lo0 = _mm256_min_pd(_mm256_loadu_pd(val + b), lo0);
-        lo1 = _mm256_min_pd(_mm256_loadu_pd(val + b + 4), lo1);
-      };
-      for (int32_t b = 0; b + 8 <= n; b += 8) relax_block(b);
-      if (n % 8 != 0) relax_block(n - 8);
-      alignas(32) double lanes[8];
-      _mm256_store_pd(lanes, lo0);
-      _mm256_store_pd(lanes + 4, lo1);
-      double lowest = kInf;
-      for (double x : lanes) lowest = x < lowest ? x : lowest;
-      if (lowest == kInf) return best;
-      const __m256d target = _mm256_set1_pd(lowest);
-      const auto rank_block = [&](int32_t b) {
-        const int lo = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(val + b), target, _CMP_EQ_OQ));
-        const int hi = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(val + b + 4), target, _CMP_EQ_OQ));
-        for (int mask = lo | hi << 4; mask != 0; mask &= mask - 1) {
-          const int32_t q = b + __builtin_ctz(mask);
-          best = min_key(best, Key{val[q], tie(q), q});
-        }
-      };
-      for (int32_t b = 0; b + 8 <= n; b += 8) rank_block(b);
-      if (n % 8 != 0) rank_block(n - 8);
-      return best;
-    }
+    if (n >= 8) return argmin_blocks(n, relax, val, tie);
 #endif
     double lowest = kInf;
     for (int32_t k = 0; k < n; ++k) {
       relax(k);
       lowest = val[k] < lowest ? val[k] : lowest;
     }
+    Key best = Key::none();
     if (lowest == kInf) return best;
     for (int32_t k = 0; k < n; ++k)
       if (val[k] == lowest) best = min_key(best, Key{val[k], tie(k), k});
     return best;
   }
+
+#if defined(__AVX__)
+ private:
+  // Two passes over contiguous values, in blocks of eight columns: relax each block and
+  // keep the lowest value of each of eight lanes, then rank the columns at the lowest
+  // value by their tie (more than one is common: tight edges give exactly equal path
+  // costs). The last block is shifted back to end at n, overlapping the one before:
+  // relaxing a column twice changes nothing, and neither does meeting its key twice.
+  // A NaN value (a scanned column) is skipped: minpd returns its second operand when
+  // the first is NaN. The sign of a zero minimum depends on the order of the
+  // comparisons, which is why argmin returns the winner's own value.
+  template <class Relax, class Tie>
+  LSA_HOT Key argmin_blocks(int32_t n, const Relax& relax, const double* val, Tie&& tie) const {
+    const double lowest = relax_blocks(n, relax, val);
+    Key best = Key::none();
+    if (lowest == kInf) return best;
+    const auto rank_block = [&](int32_t b) {
+      for (unsigned mask = equal_mask(val + b, lowest); mask != 0; mask &= mask - 1) {
+        const int32_t q = b + __builtin_ctz(mask);
+        best = min_key(best, Key{val[q], tie(q), q});
+      }
+    };
+    for (int32_t b = 0; b + 8 <= n; b += 8) rank_block(b);
+    if (n % 8 != 0) rank_block(n - 8);
+    return best;
+  }
+
+  // Pass 1: relaxes every column; returns the lowest value.
+  template <class Relax>
+  LSA_HOT static double relax_blocks(int32_t n, const Relax& relax, const double* val) {
+#if defined(__AVX512F__)
+    // A cost with contiguous rows: eight columns as one vector, the operations of
+    // Relax::operator() (the same IEEE operations in the same order, so the same bits)
+    // and one masked store of the path entries. Vector operators rather than intrinsics
+    // where GCC 12's intrinsics raise false "maybe uninitialized" warnings.
+    if constexpr (requires { relax.cost.row(relax.i); }) {
+      const auto* row = relax.cost.row(relax.i);
+      const __m256i i = _mm256_set1_epi32(relax.i);
+      __m512d lo = _mm512_set1_pd(kInf);
+      const auto relax_block = [&](int32_t b) {
+        const __m512d r = ((relax.min_val + load8(row + b)) - relax.ui) - _mm512_loadu_pd(relax.w.v + b);
+        __m512d x = r;
+        if (relax.first) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(relax.w.path + b), i);
+        } else {
+          const __m512d s = _mm512_loadu_pd(relax.w.spc + b);
+          _mm256_mask_storeu_epi32(relax.w.path + b, _mm512_cmp_pd_mask(r, s, _CMP_LT_OQ), i);
+          x = r < s ? r : s;
+        }
+        _mm512_storeu_pd(relax.w.spc + b, x);
+        lo = x < lo ? x : lo;
+      };
+      for (int32_t b = 0; b + 8 <= n; b += 8) relax_block(b);
+      if (n % 8 != 0) relax_block(n - 8);
+      // The lanes hold no NaN: any order of minima gives the lowest value.
+      __m512d t = __builtin_shufflevector(lo, lo, 4, 5, 6, 7, 0, 1, 2, 3);
+      lo = t < lo ? t : lo;
+      t = __builtin_shufflevector(lo, lo, 2, 3, 0, 1, 6, 7, 4, 5);
+      lo = t < lo ? t : lo;
+      t = __builtin_shufflevector(lo, lo, 1, 0, 3, 2, 5, 4, 7, 6);
+      lo = t < lo ? t : lo;
+      return lo[0];
+    }
+#endif
+    // Otherwise the compiler vectorises relax over each block.
+    __m256d lo0 = _mm256_set1_pd(kInf), lo1 = lo0;
+    const auto relax_block = [&](int32_t b) {
+      // relax(j) touches the state of column j only: no dependence between iterations.
+#pragma GCC unroll 1
+#pragma GCC ivdep
+      for (int32_t l = 0; l < 8; ++l) relax(b + l);
+      lo0 = _mm256_min_pd(_mm256_loadu_pd(val + b), lo0);
+      lo1 = _mm256_min_pd(_mm256_loadu_pd(val + b + 4), lo1);
+    };
+    for (int32_t b = 0; b + 8 <= n; b += 8) relax_block(b);
+    if (n % 8 != 0) relax_block(n - 8);
+    alignas(32) double lanes[8];
+    _mm256_store_pd(lanes, lo0);
+    _mm256_store_pd(lanes + 4, lo1);
+    double lowest = kInf;
+    for (double x : lanes) lowest = x < lowest ? x : lowest;
+    return lowest;
+  }
+
+  // Bit l set where p[l] == x, l < 8.
+  LSA_HOT static unsigned equal_mask(const double* p, double x) {
+#if defined(__AVX512F__)
+    return _mm512_cmp_pd_mask(_mm512_loadu_pd(p), _mm512_set1_pd(x), _CMP_EQ_OQ);
+#else
+    const __m256d t = _mm256_set1_pd(x);
+    return unsigned(_mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(p), t, _CMP_EQ_OQ))) |
+           unsigned(_mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(p + 4), t, _CMP_EQ_OQ))) << 4;
+#endif
+  }
+
+#if defined(__AVX512F__)
+  LSA_HOT static __m512d load8(const double* p) { return _mm512_loadu_pd(p); }
+  LSA_HOT static __m512d load8(const float* p) {
+    return _mm512_maskz_cvtps_pd(0xff, _mm256_loadu_ps(p));  // _mm512_cvtps_pd: see above
+  }
+#endif
+#endif
 };
 
 class SimulatedTeam {
