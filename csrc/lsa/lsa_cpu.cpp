@@ -62,14 +62,14 @@ template <typename T>
 struct Scratch {
   std::vector<T> cost;
   std::vector<double> u, v, spc, sval;
-  std::vector<int32_t> col4row, row4col, path, at, lpos;
+  std::vector<int32_t> col4row, row4col, path, at, rank;
   lsa::SequentialTeam team;
 
   lsa::Workspace workspace(int64_t n, int64_t m) {
     u.resize(n), col4row.resize(n);
-    v.resize(m), spc.resize(m), sval.resize(m), row4col.resize(m), path.resize(m), at.resize(m), lpos.resize(m);
+    v.resize(m), spc.resize(m), sval.resize(m), row4col.resize(m), path.resize(m), at.resize(m), rank.resize(m);
     return {u.data(), v.data(), spc.data(), sval.data(), col4row.data(), row4col.data(), path.data(),
-            at.data(), lpos.data()};
+            at.data(), rank.data()};
   }
 };
 

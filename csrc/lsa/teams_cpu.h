@@ -44,10 +44,10 @@ class SequentialTeam {
     return false;
   }
 
-  template <class Relax, class Tie>
-  LSA_HOT Key argmin(int32_t n, const Relax& relax, const double* val, Tie&& tie) const {
+  template <class Relax>
+  LSA_HOT Key argmin(int32_t n, const Relax& relax, const double* val, const int32_t* rank) const {
 #if defined(__AVX__)
-    if (n >= 8) return argmin_blocks(n, relax, val, tie);
+    if (n >= 8) return argmin_blocks(n, relax, val, rank);
 #endif
     double lowest = kInf;
     for (int32_t k = 0; k < n; ++k) {
@@ -57,34 +57,73 @@ class SequentialTeam {
     Key best = Key::none();
     if (lowest == kInf) return best;
     for (int32_t k = 0; k < n; ++k)
-      if (val[k] == lowest) best = min_key(best, Key{val[k], tie(k), k});
+      if (val[k] == lowest) best = min_key(best, Key{val[k], rank[k], k});
     return best;
   }
 
 #if defined(__AVX__)
  private:
   // Two passes over contiguous values, in blocks of eight columns: relax each block and
-  // keep the lowest value of each of eight lanes, then rank the columns at the lowest
-  // value by their tie (more than one is common: tight edges give exactly equal path
-  // costs). The last block is shifted back to end at n, overlapping the one before:
-  // relaxing a column twice changes nothing, and neither does meeting its key twice.
-  // A NaN value (a scanned column) is skipped: minpd returns its second operand when
-  // the first is NaN. The sign of a zero minimum depends on the order of the
-  // comparisons, which is why argmin returns the winner's own value.
-  template <class Relax, class Tie>
-  LSA_HOT Key argmin_blocks(int32_t n, const Relax& relax, const double* val, Tie&& tie) const {
+  // keep the lowest value of each of eight lanes, then find the least tie rank among
+  // the columns at the lowest value (more than one is common: tight edges give exactly
+  // equal path costs, and integer costs tie by the hundred). The last block is shifted
+  // back to end at n, overlapping the one before: relaxing a column twice changes
+  // nothing, and neither does meeting its key twice. A NaN value (a scanned column) is
+  // skipped: minpd returns its second operand when the first is NaN. The sign of a
+  // zero minimum depends on the order of the comparisons, which is why argmin returns
+  // the winner's own value.
+  template <class Relax>
+  LSA_HOT Key argmin_blocks(int32_t n, const Relax& relax, const double* val, const int32_t* rank) const {
     const double lowest = relax_blocks(n, relax, val);
-    Key best = Key::none();
-    if (lowest == kInf) return best;
-    const auto rank_block = [&](int32_t b) {
-      for (unsigned mask = equal_mask(val + b, lowest); mask != 0; mask &= mask - 1) {
-        const int32_t q = b + __builtin_ctz(mask);
-        best = min_key(best, Key{val[q], tie(q), q});
+    if (lowest == kInf) return Key::none();
+    const int32_t blocks = (n + 7) / 8;
+    const auto start = [n](int32_t k) { return std::min(8 * k, n - 8); };
+#if defined(__AVX512F__)
+    // Each column as a 64-bit key, rank above column: the least key is the winner. The
+    // blocks go in groups of four: a group with no column at the lowest value costs
+    // four compares, the others a masked minimum per block and no branch per column.
+    using Keys = int64_t __attribute__((vector_size(64)));
+    using Ranks = int32_t __attribute__((vector_size(32)));
+    const __m512d target = _mm512_set1_pd(lowest);
+    Keys least = Keys{} + INT64_MAX;
+    for (int32_t g = 0; g < blocks; g += 4) {
+      __mmask8 mask[4];
+      unsigned any = 0;
+      for (int32_t k = 0; k < 4; ++k) {
+        mask[k] = g + k < blocks ? _mm512_cmp_pd_mask(_mm512_loadu_pd(val + start(g + k)), target, _CMP_EQ_OQ) : 0;
+        any |= mask[k];
       }
-    };
-    for (int32_t b = 0; b + 8 <= n; b += 8) rank_block(b);
-    if (n % 8 != 0) rank_block(n - 8);
+      if (any == 0) continue;
+      for (int32_t k = 0; k < 4 && g + k < blocks; ++k) {
+        const int32_t b = start(g + k);
+        Ranks r;
+        std::memcpy(&r, rank + b, sizeof r);
+        const Keys key = __builtin_convertvector(r, Keys) << 32 | (Keys{0, 1, 2, 3, 4, 5, 6, 7} + b);
+        least = Keys(_mm512_mask_min_epi64(__m512i(least), mask[k], __m512i(least), __m512i(key)));
+      }
+    }
+    Keys t = __builtin_shufflevector(least, least, 4, 5, 6, 7, 0, 1, 2, 3);
+    least = t < least ? t : least;
+    t = __builtin_shufflevector(least, least, 2, 3, 0, 1, 6, 7, 4, 5);
+    least = t < least ? t : least;
+    t = __builtin_shufflevector(least, least, 1, 0, 3, 2, 5, 4, 7, 6);
+    least = t < least ? t : least;
+    const int32_t col = int32_t(least[0]);
+    return Key{val[col], int32_t(least[0] >> 32), col};
+#else
+    Key best = Key::none();
+    for (int32_t k = 0; k < blocks; ++k) {
+      const int32_t b = start(k);
+      const __m256d t = _mm256_set1_pd(lowest);
+      const int lo = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(val + b), t, _CMP_EQ_OQ));
+      const int hi = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(val + b + 4), t, _CMP_EQ_OQ));
+      for (int mask = lo | hi << 4; mask != 0; mask &= mask - 1) {
+        const int32_t q = b + __builtin_ctz(mask);
+        best = min_key(best, Key{val[q], rank[q], q});
+      }
+    }
     return best;
+#endif
   }
 
   // Pass 1: relaxes every column; returns the lowest value.
@@ -144,17 +183,6 @@ class SequentialTeam {
     return lowest;
   }
 
-  // Bit l set where p[l] == x, l < 8.
-  LSA_HOT static unsigned equal_mask(const double* p, double x) {
-#if defined(__AVX512F__)
-    return _mm512_cmp_pd_mask(_mm512_loadu_pd(p), _mm512_set1_pd(x), _CMP_EQ_OQ);
-#else
-    const __m256d t = _mm256_set1_pd(x);
-    return unsigned(_mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(p), t, _CMP_EQ_OQ))) |
-           unsigned(_mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(p + 4), t, _CMP_EQ_OQ))) << 4;
-#endif
-  }
-
 #if defined(__AVX512F__)
   LSA_HOT static __m512d load8(const double* p) { return _mm512_loadu_pd(p); }
   LSA_HOT static __m512d load8(const float* p) {
@@ -202,13 +230,13 @@ class SimulatedTeam {
 
   // Lane l keeps the best key of k = l, l + size, ... (as a CUDA lane does), then
   // the lanes combine. A NaN value compares false: no candidate.
-  template <class Relax, class Tie>
-  Key argmin(int32_t n, Relax&& relax, const double* val, Tie&& tie) {
+  template <class Relax>
+  Key argmin(int32_t n, Relax&& relax, const double* val, const int32_t* rank) {
     for (int lane = 0; lane < size; ++lane) {
       Key best = Key::none();
       for (int32_t k = lane; k < n; k += size) {
         relax(k);
-        if (val[k] <= best.value) best = min_key(best, Key{val[k], tie(k), k});
+        if (val[k] <= best.value) best = min_key(best, Key{val[k], rank[k], k});
       }
       partial_[lane] = best;
     }
