@@ -76,8 +76,6 @@ class SequentialTeam {
   LSA_HOT Key argmin_blocks(int32_t n, const Relax& relax, const double* val, const int32_t* rank) const {
     const double lowest = relax_blocks(n, relax, val);
     if (lowest == kInf) return Key::none();
-    const int32_t blocks = (n + 7) / 8;
-    const auto start = [n](int32_t k) { return std::min(8 * k, n - 8); };
 #if defined(__AVX512F__)
     // Each column as a 64-bit key, rank above column: the least key is the winner. The
     // blocks go in groups of four: a group with no column at the lowest value costs
@@ -85,23 +83,22 @@ class SequentialTeam {
     using Keys = int64_t __attribute__((vector_size(64)));
     using Ranks = int32_t __attribute__((vector_size(32)));
     const __m512d target = _mm512_set1_pd(lowest);
+    const auto equal = [&](int32_t b) { return _mm512_cmp_pd_mask(_mm512_loadu_pd(val + b), target, _CMP_EQ_OQ); };
     Keys least = Keys{} + INT64_MAX;
-    for (int32_t g = 0; g < blocks; g += 4) {
-      __mmask8 mask[4];
-      unsigned any = 0;
-      for (int32_t k = 0; k < 4; ++k) {
-        mask[k] = g + k < blocks ? _mm512_cmp_pd_mask(_mm512_loadu_pd(val + start(g + k)), target, _CMP_EQ_OQ) : 0;
-        any |= mask[k];
-      }
-      if (any == 0) continue;
-      for (int32_t k = 0; k < 4 && g + k < blocks; ++k) {
-        const int32_t b = start(g + k);
-        Ranks r;
-        std::memcpy(&r, rank + b, sizeof r);
-        const Keys key = __builtin_convertvector(r, Keys) << 32 | (Keys{0, 1, 2, 3, 4, 5, 6, 7} + b);
-        least = Keys(_mm512_mask_min_epi64(__m512i(least), mask[k], __m512i(least), __m512i(key)));
-      }
+    const auto take = [&](int32_t b, __mmask8 mask) {
+      Ranks r;
+      std::memcpy(&r, rank + b, sizeof r);
+      const Keys key = __builtin_convertvector(r, Keys) << 32 | (Keys{0, 1, 2, 3, 4, 5, 6, 7} + b);
+      least = Keys(_mm512_mask_min_epi64(__m512i(least), mask, __m512i(least), __m512i(key)));
+    };
+    int32_t b = 0;
+    for (; b + 32 <= n; b += 32) {
+      const __mmask8 m0 = equal(b), m1 = equal(b + 8), m2 = equal(b + 16), m3 = equal(b + 24);
+      if ((m0 | m1 | m2 | m3) == 0) continue;
+      take(b, m0), take(b + 8, m1), take(b + 16, m2), take(b + 24, m3);
     }
+    for (; b + 8 <= n; b += 8) take(b, equal(b));
+    if (b < n) take(n - 8, equal(n - 8));
     Keys t = __builtin_shufflevector(least, least, 4, 5, 6, 7, 0, 1, 2, 3);
     least = t < least ? t : least;
     t = __builtin_shufflevector(least, least, 2, 3, 0, 1, 6, 7, 4, 5);
@@ -112,8 +109,8 @@ class SequentialTeam {
     return Key{val[col], int32_t(least[0] >> 32), col};
 #else
     Key best = Key::none();
-    for (int32_t k = 0; k < blocks; ++k) {
-      const int32_t b = start(k);
+    for (int32_t k = 0; k < n; k += 8) {
+      const int32_t b = std::min(k, n - 8);
       const __m256d t = _mm256_set1_pd(lowest);
       const int lo = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(val + b), t, _CMP_EQ_OQ));
       const int hi = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(val + b + 4), t, _CMP_EQ_OQ));
