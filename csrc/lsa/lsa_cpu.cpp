@@ -14,6 +14,7 @@
 #include <ATen/ops/full.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -73,12 +74,50 @@ struct Scratch {
   }
 };
 
+#if defined(__AVX__)
+// out[c * ld + r] = x[r * s_row + c] (negated if `negate`) for an 8 x 8 tile of floats.
+inline void transpose8(const float* x, int64_t s_row, bool negate, float* out, int64_t ld) {
+  const __m256 sign = _mm256_set1_ps(negate ? -0.0f : 0.0f);
+  __m256 a[8], b[8];
+  for (int k = 0; k < 8; ++k) a[k] = _mm256_xor_ps(_mm256_loadu_ps(x + k * s_row), sign);
+  for (int k = 0; k < 8; k += 2) {
+    b[k] = _mm256_unpacklo_ps(a[k], a[k + 1]);
+    b[k + 1] = _mm256_unpackhi_ps(a[k], a[k + 1]);
+  }
+  for (int k = 0; k < 8; k += 4) {
+    a[k] = _mm256_shuffle_ps(b[k], b[k + 2], 0x44);
+    a[k + 1] = _mm256_shuffle_ps(b[k], b[k + 2], 0xee);
+    a[k + 2] = _mm256_shuffle_ps(b[k + 1], b[k + 3], 0x44);
+    a[k + 3] = _mm256_shuffle_ps(b[k + 1], b[k + 3], 0xee);
+  }
+  for (int k = 0; k < 4; ++k) {
+    _mm256_storeu_ps(out + k * ld, _mm256_permute2f128_ps(a[k], a[k + 4], 0x20));
+    _mm256_storeu_ps(out + (k + 4) * ld, _mm256_permute2f128_ps(a[k], a[k + 4], 0x31));
+  }
+}
+#endif
+
 // Copies one item, oriented and negated for maximisation, into out (row-major,
-// it.rows() x it.cols()). Written in order: a transposed item is read down its columns.
+// it.rows() x it.cols()). Written in order: a transposed item is read down its columns,
+// or, for float32 rows of at least 8 x 8, in 8 x 8 tiles (the last tile of a row or
+// column shifted back to end at the edge: it writes some entries twice, identically).
 template <typename scalar_t, typename T>
 void load_oriented(const scalar_t* item, int64_t s_row, int64_t s_col, const Item& it,
                    bool maximize, T* out) {
   const int64_t rows = it.rows(), cols = it.cols();
+#if defined(__AVX__)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (it.transpose && s_col == 1 && rows >= 8 && cols >= 8) {
+      for (int64_t i = 0; i < rows; i += 8) {  // oriented row i: input column i
+        for (int64_t j = 0; j < cols; j += 8) {
+          const int64_t i0 = std::min(i, rows - 8), j0 = std::min(j, cols - 8);
+          transpose8(item + j0 * s_row + i0, s_row, maximize, out + i0 * cols + j0, cols);
+        }
+      }
+      return;
+    }
+  }
+#endif
   const int64_t sr = it.transpose ? s_col : s_row, sc = it.transpose ? s_row : s_col;
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < cols; ++c) {
