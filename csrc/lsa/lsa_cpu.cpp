@@ -58,19 +58,37 @@ const T* as_stored(const S* p) {
   }
 }
 
-// Per-thread scratch, grown to the largest item once.
+// Per-thread scratch, grown to the largest item once. Every array starts on a 64-byte
+// boundary, and so does every row of a copied item (its leading dimension rounded up to
+// 16 floats or 8 doubles): the sequential team reads and writes them 64 bytes at a time,
+// and a vector that straddles two cache lines costs two.
 template <typename T>
 struct Scratch {
-  std::vector<T> cost;
-  std::vector<double> u, v, spc, sval;
-  std::vector<int32_t> col4row, row4col, path, at, rank;
+  std::vector<char> cost, state;
   lsa::SequentialTeam team;
 
+  static int64_t lines(int64_t bytes) { return (bytes + 63) / 64 * 64; }
+  static char* aligned(std::vector<char>& buffer, int64_t bytes) {
+    buffer.resize(bytes + 64);
+    return buffer.data() + (-reinterpret_cast<uintptr_t>(buffer.data()) & 63);
+  }
+  // Room for an n x m item with leading dimension ld(m).
+  static int64_t ld(int64_t m) { return lines(m * int64_t(sizeof(T))) / int64_t(sizeof(T)); }
+  T* item(int64_t n, int64_t m) { return reinterpret_cast<T*>(aligned(cost, n * ld(m) * int64_t(sizeof(T)))); }
+
   lsa::Workspace workspace(int64_t n, int64_t m) {
-    u.resize(n), col4row.resize(n);
-    v.resize(m), spc.resize(m), sval.resize(m), row4col.resize(m), path.resize(m), at.resize(m), rank.resize(m);
-    return {u.data(), v.data(), spc.data(), sval.data(), col4row.data(), row4col.data(), path.data(),
-            at.data(), rank.data()};
+    char* p = aligned(state, lines(8 * n) + lines(4 * n) + 3 * lines(8 * m) + 4 * lines(4 * m));
+    const auto take = [&p](int64_t bytes) {
+      char* q = p;
+      p += lines(bytes);
+      return q;
+    };
+    lsa::Workspace w;
+    w.u = reinterpret_cast<double*>(take(8 * n));
+    w.col4row = reinterpret_cast<int32_t*>(take(4 * n));
+    for (double** a : {&w.v, &w.spc, &w.sval}) *a = reinterpret_cast<double*>(take(8 * m));
+    for (int32_t** a : {&w.row4col, &w.path, &w.at, &w.rank}) *a = reinterpret_cast<int32_t*>(take(4 * m));
+    return w;
   }
 };
 
@@ -98,12 +116,12 @@ inline void transpose8(const float* x, int64_t s_row, bool negate, float* out, i
 #endif
 
 // Copies one item, oriented and negated for maximisation, into out (row-major,
-// it.rows() x it.cols()). Written in order: a transposed item is read down its columns,
+// it.rows() x it.cols(), leading dimension ld). Written in order: a transposed item is read down its columns,
 // or, for float32 rows of at least 8 x 8, in 8 x 8 tiles (the last tile of a row or
 // column shifted back to end at the edge: it writes some entries twice, identically).
 template <typename scalar_t, typename T>
 void load_oriented(const scalar_t* item, int64_t s_row, int64_t s_col, const Item& it,
-                   bool maximize, T* out) {
+                   bool maximize, T* out, int64_t ld) {
   const int64_t rows = it.rows(), cols = it.cols();
 #if defined(__AVX__)
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -111,7 +129,7 @@ void load_oriented(const scalar_t* item, int64_t s_row, int64_t s_col, const Ite
       for (int64_t i = 0; i < rows; i += 8) {  // oriented row i: input column i
         for (int64_t j = 0; j < cols; j += 8) {
           const int64_t i0 = std::min(i, rows - 8), j0 = std::min(j, cols - 8);
-          transpose8(item + j0 * s_row + i0, s_row, maximize, out + i0 * cols + j0, cols);
+          transpose8(item + j0 * s_row + i0, s_row, maximize, out + i0 * ld + j0, ld);
         }
       }
       return;
@@ -122,7 +140,7 @@ void load_oriented(const scalar_t* item, int64_t s_row, int64_t s_col, const Ite
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < cols; ++c) {
       const T x = static_cast<T>(item[r * sr + c * sc]);
-      out[r * cols + c] = maximize ? -x : x;
+      out[r * ld + c] = maximize ? -x : x;
     }
   }
 }
@@ -176,9 +194,9 @@ void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximi
         DenseCost<T> view{nullptr, s1};
         if (!it.transpose && !maximize && s2 == 1) view.data = as_stored<T>(base + b * s0);
         if (view.data == nullptr) {
-          scratch.cost.resize(int64_t(n) * m);
-          load_oriented(base + b * s0, s1, s2, it, maximize, scratch.cost.data());
-          view = {scratch.cost.data(), m};
+          T* copy = scratch.item(n, m);
+          load_oriented(base + b * s0, s1, s2, it, maximize, copy, scratch.ld(m));
+          view = {copy, scratch.ld(m)};
         }
         const lsa::Workspace w = scratch.workspace(n, m);
         int32_t result;
