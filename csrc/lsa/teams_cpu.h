@@ -91,8 +91,9 @@ class SequentialTeam {
       const Keys key = __builtin_convertvector(r, Keys) << 32 | (Keys{0, 1, 2, 3, 4, 5, 6, 7} + b);
       least = Keys(_mm512_mask_min_epi64(__m512i(least), mask, __m512i(least), __m512i(key)));
     };
+    // (Up to 64 columns there is little to skip, and a mispredicted branch costs more.)
     int32_t b = 0;
-    for (; b + 32 <= n; b += 32) {
+    for (; n > 64 && b + 32 <= n; b += 32) {
       const __mmask8 m0 = equal(b), m1 = equal(b + 8), m2 = equal(b + 16), m3 = equal(b + 24);
       if ((m0 | m1 | m2 | m3) == 0) continue;
       take(b, m0), take(b + 8, m1), take(b + 16, m2), take(b + 24, m3);
@@ -134,7 +135,6 @@ class SequentialTeam {
     if constexpr (requires { relax.cost.row(relax.i); }) {
       const auto* row = relax.cost.row(relax.i);
       const __m256i i = _mm256_set1_epi32(relax.i);
-      __m512d lo = _mm512_set1_pd(kInf);
       const auto relax_block = [&](int32_t b) {
         const __m512d r = ((relax.min_val + load8(row + b)) - relax.ui) - _mm512_loadu_pd(relax.w.v + b);
         __m512d x = r;
@@ -146,10 +146,16 @@ class SequentialTeam {
           x = r < s ? r : s;
         }
         _mm512_storeu_pd(relax.w.spc + b, x);
-        lo = x < lo ? x : lo;
+        return x;
       };
-      for (int32_t b = 0; b + 8 <= n; b += 8) relax_block(b);
-      if (n % 8 != 0) relax_block(n - 8);
+      // Two running minima, so that consecutive blocks do not wait for each other.
+      __m512d lo = _mm512_set1_pd(kInf), lo2 = lo;
+      const auto keep = [](__m512d& lo, __m512d x) { lo = x < lo ? x : lo; };
+      int32_t b = 0;
+      for (; b + 16 <= n; b += 16) keep(lo, relax_block(b)), keep(lo2, relax_block(b + 8));
+      if (b + 8 <= n) keep(lo, relax_block(b)), b += 8;
+      if (b < n) keep(lo2, relax_block(n - 8));
+      keep(lo, lo2);
       // The lanes hold no NaN: any order of minima gives the lowest value.
       __m512d t = __builtin_shufflevector(lo, lo, 4, 5, 6, 7, 0, 1, 2, 3);
       lo = t < lo ? t : lo;
