@@ -74,7 +74,9 @@ struct Scratch {
   }
   // Room for an n x m item with leading dimension ld(m).
   static int64_t ld(int64_t m) { return lines(m * int64_t(sizeof(T))) / int64_t(sizeof(T)); }
-  T* item(int64_t n, int64_t m) { return reinterpret_cast<T*>(aligned(cost, n * ld(m) * int64_t(sizeof(T)))); }
+  T* item(int64_t n, int64_t m) {
+    return reinterpret_cast<T*>(aligned(cost, n * ld(m) * int64_t(sizeof(T))));
+  }
 
   lsa::Workspace workspace(int64_t n, int64_t m) {
     char* p = aligned(state, lines(8 * n) + lines(4 * n) + 3 * lines(8 * m) + 4 * lines(4 * m));
@@ -87,7 +89,8 @@ struct Scratch {
     w.u = reinterpret_cast<double*>(take(8 * n));
     w.col4row = reinterpret_cast<int32_t*>(take(4 * n));
     for (double** a : {&w.v, &w.spc, &w.sval}) *a = reinterpret_cast<double*>(take(8 * m));
-    for (int32_t** a : {&w.row4col, &w.path, &w.at, &w.rank}) *a = reinterpret_cast<int32_t*>(take(4 * m));
+    for (int32_t** a : {&w.row4col, &w.path, &w.at, &w.rank})
+      *a = reinterpret_cast<int32_t*>(take(4 * m));
     return w;
   }
 };
@@ -116,9 +119,10 @@ inline void transpose8(const float* x, int64_t s_row, bool negate, float* out, i
 #endif
 
 // Copies one item, oriented and negated for maximisation, into out (row-major,
-// it.rows() x it.cols(), leading dimension ld). Written in order: a transposed item is read down its columns,
-// or, for float32 rows of at least 8 x 8, in 8 x 8 tiles (the last tile of a row or
-// column shifted back to end at the edge: it writes some entries twice, identically).
+// it.rows() x it.cols(), leading dimension ld). Written in order: a transposed item is
+// read down its columns, or, for float32 rows of at least 8 x 8, in 8 x 8 tiles (the
+// last tile of a row or column shifted back to end at the edge: it writes some entries
+// twice, identically).
 template <typename scalar_t, typename T>
 void load_oriented(const scalar_t* item, int64_t s_row, int64_t s_col, const Item& it,
                    bool maximize, T* out, int64_t ld) {

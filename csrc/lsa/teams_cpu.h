@@ -73,7 +73,8 @@ class SequentialTeam {
   // zero minimum depends on the order of the comparisons, which is why argmin returns
   // the winner's own value.
   template <class Relax>
-  LSA_HOT Key argmin_blocks(int32_t n, const Relax& relax, const double* val, const int32_t* rank) const {
+  LSA_HOT Key argmin_blocks(int32_t n, const Relax& relax, const double* val,
+                            const int32_t* rank) const {
     const double lowest = relax_blocks(n, relax, val);
     if (lowest == kInf) return Key::none();
 #if defined(__AVX512F__)
@@ -83,7 +84,9 @@ class SequentialTeam {
     using Keys = int64_t __attribute__((vector_size(64)));
     using Ranks = int32_t __attribute__((vector_size(32)));
     const __m512d target = _mm512_set1_pd(lowest);
-    const auto equal = [&](int32_t b) { return _mm512_cmp_pd_mask(_mm512_loadu_pd(val + b), target, _CMP_EQ_OQ); };
+    const auto equal = [&](int32_t b) {
+      return _mm512_cmp_pd_mask(_mm512_loadu_pd(val + b), target, _CMP_EQ_OQ);
+    };
     Keys least = Keys{} + INT64_MAX;
     const auto take = [&](int32_t b, __mmask8 mask) {
       Ranks r;
@@ -136,7 +139,8 @@ class SequentialTeam {
       const auto* row = relax.cost.row(relax.i);
       const __m256i i = _mm256_set1_epi32(relax.i);
       const auto relax_block = [&](int32_t b) {
-        const __m512d r = ((relax.min_val + load8(row + b)) - relax.ui) - _mm512_loadu_pd(relax.w.v + b);
+        const __m512d v = _mm512_loadu_pd(relax.w.v + b);
+        const __m512d r = ((relax.min_val + load8(row + b)) - relax.ui) - v;
         __m512d x = r;
         if (relax.first) {
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(relax.w.path + b), i);
