@@ -1,9 +1,12 @@
 // CPU kernels of maskformer_fast::lsa and maskformer_fast::lsa_duals: batch items in
 // parallel with at::parallel_for, one sequential team per item.
 //
-// Each item is copied once, oriented so that rows <= cols (transposed when
-// m < n, as scipy does), converted to float64 and negated for maximisation,
-// into a buffer allocated once per chunk of items.
+// An item is read in place when it can be: a float32 or float64 cost whose rows are
+// contiguous, not transposed, not negated. Otherwise it is copied once, oriented so that
+// rows <= cols (transposed when m < n, as scipy does) and negated for maximisation, into
+// a per-thread buffer, as float32 when every value of the input dtype is a float32
+// (bool, 8- and 16-bit integers, float16, bfloat16, float32), else as float64. The
+// solver converts each entry to float64 as it reads it; both conversions are exact.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -11,7 +14,9 @@
 #include <ATen/ops/full.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "teams_cpu.h"
@@ -28,37 +33,118 @@ struct Item {
   int32_t cols() const { return int32_t(transpose ? n : m); }
 };
 
+// The type an entry of dtype T is stored as when it is copied: float32 if that is exact.
+template <typename T>
+using Stored = std::conditional_t<std::is_same_v<T, double> || std::is_same_v<T, int32_t> ||
+                                      std::is_same_v<T, int64_t>,
+                                  double, float>;
+
+// The oriented cost of one item: entry (i, j) is data[i * ld + j].
+template <typename T>
 struct DenseCost {
-  const double* data;
-  int32_t ld;
-  double operator()(int32_t i, int32_t j) const { return data[int64_t(i) * ld + j]; }
+  const T* data;
+  int64_t ld;
+  double operator()(int32_t i, int32_t j) const { return double(data[i * ld + j]); }
+  const T* row(int32_t i) const { return data + i * ld; }
 };
 
-// Per-chunk scratch, grown to the largest item once.
+// The entries as they would be stored, if that is how they are: read them in place.
+template <typename T, typename S>
+const T* as_stored(const S* p) {
+  if constexpr (std::is_same_v<S, T>) {
+    return p;
+  } else {
+    return nullptr;
+  }
+}
+
+// Per-thread scratch, grown to the largest item once. Every array starts on a 64-byte
+// boundary, and so does every row of a copied item (its leading dimension rounded up to
+// 16 floats or 8 doubles): the sequential team reads and writes them 64 bytes at a time,
+// and a vector that straddles two cache lines costs two.
+template <typename T>
 struct Scratch {
-  std::vector<double> cost, u, v, spc, sval;
-  std::vector<int32_t> col4row, row4col, path, at, lpos;
+  std::vector<char> cost, state;
   lsa::SequentialTeam team;
 
+  static int64_t lines(int64_t bytes) { return (bytes + 63) / 64 * 64; }
+  static char* aligned(std::vector<char>& buffer, int64_t bytes) {
+    buffer.resize(bytes + 64);
+    return buffer.data() + (-reinterpret_cast<uintptr_t>(buffer.data()) & 63);
+  }
+  // Room for an n x m item with leading dimension ld(m).
+  static int64_t ld(int64_t m) { return lines(m * int64_t(sizeof(T))) / int64_t(sizeof(T)); }
+  T* item(int64_t n, int64_t m) {
+    return reinterpret_cast<T*>(aligned(cost, n * ld(m) * int64_t(sizeof(T))));
+  }
+
   lsa::Workspace workspace(int64_t n, int64_t m) {
-    u.resize(n), col4row.resize(n);
-    v.resize(m), spc.resize(m), sval.resize(m), row4col.resize(m), path.resize(m), at.resize(m), lpos.resize(m);
-      return {u.data(), v.data(), spc.data(), sval.data(), col4row.data(), row4col.data(), path.data(),
-            at.data(), lpos.data()};
+    char* p = aligned(state, lines(8 * n) + lines(4 * n) + 3 * lines(8 * m) + 4 * lines(4 * m));
+    const auto take = [&p](int64_t bytes) {
+      char* q = p;
+      p += lines(bytes);
+      return q;
+    };
+    lsa::Workspace w;
+    w.u = reinterpret_cast<double*>(take(8 * n));
+    w.col4row = reinterpret_cast<int32_t*>(take(4 * n));
+    for (double** a : {&w.v, &w.spc, &w.sval}) *a = reinterpret_cast<double*>(take(8 * m));
+    for (int32_t** a : {&w.row4col, &w.path, &w.at, &w.rank})
+      *a = reinterpret_cast<int32_t*>(take(4 * m));
+    return w;
   }
 };
 
-template <typename scalar_t>
+#if defined(__AVX__)
+// out[c * ld + r] = x[r * s_row + c] (negated if `negate`) for an 8 x 8 tile of floats.
+inline void transpose8(const float* x, int64_t s_row, bool negate, float* out, int64_t ld) {
+  const __m256 sign = _mm256_set1_ps(negate ? -0.0f : 0.0f);
+  __m256 a[8], b[8];
+  for (int k = 0; k < 8; ++k) a[k] = _mm256_xor_ps(_mm256_loadu_ps(x + k * s_row), sign);
+  for (int k = 0; k < 8; k += 2) {
+    b[k] = _mm256_unpacklo_ps(a[k], a[k + 1]);
+    b[k + 1] = _mm256_unpackhi_ps(a[k], a[k + 1]);
+  }
+  for (int k = 0; k < 8; k += 4) {
+    a[k] = _mm256_shuffle_ps(b[k], b[k + 2], 0x44);
+    a[k + 1] = _mm256_shuffle_ps(b[k], b[k + 2], 0xee);
+    a[k + 2] = _mm256_shuffle_ps(b[k + 1], b[k + 3], 0x44);
+    a[k + 3] = _mm256_shuffle_ps(b[k + 1], b[k + 3], 0xee);
+  }
+  for (int k = 0; k < 4; ++k) {
+    _mm256_storeu_ps(out + k * ld, _mm256_permute2f128_ps(a[k], a[k + 4], 0x20));
+    _mm256_storeu_ps(out + (k + 4) * ld, _mm256_permute2f128_ps(a[k], a[k + 4], 0x31));
+  }
+}
+#endif
+
+// Copies one item, oriented and negated for maximisation, into out (row-major,
+// it.rows() x it.cols(), leading dimension ld). Written in order: a transposed item is
+// read down its columns, or, for float32 rows of at least 8 x 8, in 8 x 8 tiles (the
+// last tile of a row or column shifted back to end at the edge: it writes some entries
+// twice, identically).
+template <typename scalar_t, typename T>
 void load_oriented(const scalar_t* item, int64_t s_row, int64_t s_col, const Item& it,
-                   bool maximize, double* out) {
-  const double sign = maximize ? -1.0 : 1.0;
-  const int64_t ld = it.cols();
-  for (int64_t r = 0; r < it.n; ++r) {
-    const scalar_t* src = item + r * s_row;
-    if (it.transpose) {
-      for (int64_t c = 0; c < it.m; ++c) out[c * ld + r] = sign * static_cast<double>(src[c * s_col]);
-    } else {
-      for (int64_t c = 0; c < it.m; ++c) out[r * ld + c] = sign * static_cast<double>(src[c * s_col]);
+                   bool maximize, T* out, int64_t ld) {
+  const int64_t rows = it.rows(), cols = it.cols();
+#if defined(__AVX__)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (it.transpose && s_col == 1 && rows >= 8 && cols >= 8) {
+      for (int64_t i = 0; i < rows; i += 8) {  // oriented row i: input column i
+        for (int64_t j = 0; j < cols; j += 8) {
+          const int64_t i0 = std::min(i, rows - 8), j0 = std::min(j, cols - 8);
+          transpose8(item + j0 * s_row + i0, s_row, maximize, out + i0 * ld + j0, ld);
+        }
+      }
+      return;
+    }
+  }
+#endif
+  const int64_t sr = it.transpose ? s_col : s_row, sc = it.transpose ? s_row : s_col;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const T x = static_cast<T>(item[r * sr + c * sc]);
+      out[r * ld + c] = maximize ? -x : x;
     }
   }
 }
@@ -101,17 +187,22 @@ void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximi
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, N * M));
 
   AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, cost.scalar_type(), "lsa_cpu", [&] {
+    using T = Stored<scalar_t>;
     const scalar_t* base = cost.const_data_ptr<scalar_t>();
     const int64_t s0 = cost.stride(0), s1 = cost.stride(1), s2 = cost.stride(2);
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-      Scratch scratch;
+      Scratch<T> scratch;
       for (int64_t b = begin; b < end; ++b) {
         const Item& it = items[b];
         const int32_t n = it.rows(), m = it.cols();
-        scratch.cost.resize(int64_t(n) * m);
-        load_oriented(base + b * s0, s1, s2, it, maximize, scratch.cost.data());
+        DenseCost<T> view{nullptr, s1};
+        if (!it.transpose && !maximize && s2 == 1) view.data = as_stored<T>(base + b * s0);
+        if (view.data == nullptr) {
+          T* copy = scratch.item(n, m);
+          load_oriented(base + b * s0, s1, s2, it, maximize, copy, scratch.ld(m));
+          view = {copy, scratch.ld(m)};
+        }
         const lsa::Workspace w = scratch.workspace(n, m);
-        const DenseCost view{scratch.cost.data(), m};
         int32_t result;
         if (lanes <= 1) {
           result = lsa::solve(scratch.team, view, n, m, w);

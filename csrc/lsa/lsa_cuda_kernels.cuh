@@ -76,7 +76,7 @@ struct Plan {
 // Bytes of one item's solver state for R rows and C columns, a multiple of 8.
 __host__ __device__ inline int64_t state_bytes(int64_t R, int64_t C) {
   const int64_t doubles = R + 3 * C;  // u; v, spc, sval
-  const int64_t ints = R + 4 * C;     // col4row; row4col, path, at, lpos
+  const int64_t ints = R + 4 * C;     // col4row; row4col, path, at, rank
   return 8 * doubles + (4 * ints + 7) / 8 * 8;
 }
 

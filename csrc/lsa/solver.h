@@ -14,10 +14,11 @@
 //
 // A team is the group of lanes that solves one problem together: one thread on
 // the CPU, a warp or a block on the GPU. The body below only uses
-//   size, leader(), sync(), for_each(n, f), any(rows, cols, pred), argmin(n, relax, values, tie)
-// where argmin(n, relax, values, tie) calls relax(k) once for every k (which updates
-// values[k]; NaN marks a k that is no candidate) and then all-reduces the keys
-// (values[k], tie(k), k). The Key's tie rank is unique per column, so the
+//   size, leader(), sync(), for_each(n, f), any(rows, cols, pred), argmin(n, relax, values, ranks)
+// where argmin(n, relax, values, ranks) calls relax(k) for every k (which updates
+// values[k]; NaN marks a k that is no candidate; calling it again for the same k
+// changes nothing, so a team may) and then all-reduces the keys
+// (values[k], ranks[k], k). The Key's tie rank is unique per column, so the
 // keys are strictly totally ordered and every reduction order (a sequential scan,
 // a warp butterfly, a block of warps) returns the same column. Every lane runs
 // the scalar code redundantly; only the leader writes shared state, between syncs.
@@ -77,13 +78,17 @@ LSA_HD T select(bool c, T a, T b) {
 #endif
 }
 
-// The tie rank of the column at scan position `it` of a problem with `m` columns.
+// The tie rank of the column at scan position `it` of a problem with `m` columns, and
+// back: the scan position that a tie rank stands for.
 LSA_HD int32_t tie_rank(int32_t it, bool unmatched, int32_t m) {
   return unmatched ? m - 1 - it : m + it;
 }
+LSA_HD int32_t scan_position(int32_t rank, int32_t m) {
+  return rank < m ? m - 1 - rank : rank - m;
+}
 
 // Per-problem state: u[n], col4row[n]; v[m], spc[m], sval[m], path[m], row4col[m], at[m],
-// lpos[m].
+// rank[m].
 struct Workspace {
   double* u;
   double* v;
@@ -91,10 +96,41 @@ struct Workspace {
   double* sval;  // sval[p], p in [nrem, m): the path cost of column at[p] when it was scanned
   int32_t* col4row;
   int32_t* row4col;
-  int32_t* path;  // the row each column was reached from
+  int32_t* path;  // the row each column was reached from (scratch between Dijkstras)
   int32_t* at;    // scipy's `remaining` list: at[p] is the column at scan position p < nrem;
                   // [nrem, m) holds the scanned columns, latest first
-  int32_t* lpos;  // inverse of `at` for the columns not yet scanned
+  int32_t* rank;  // the tie rank of each column not yet scanned (so also its position in
+                  // `at`); a scanned column's still gives the position it left
+};
+
+// The relaxation of one Dijkstra step: the edges of row i, on top of the path cost
+// min_val to row i. relax(j) updates column j: its path cost becomes the reduced cost
+// ((min_val + c[i][j]) - u[i]) - v[j] where that is lower (a scanned column, NaN,
+// compares false and stays), and its path entry i with it; the first step of a
+// Dijkstra (min_val 0) sets every column outright (scipy's reset to +inf followed by a
+// relaxation that wins wherever the edge is finite; a column left at +inf keeps a stale
+// path entry, which is never read: it cannot be picked while feasible). The fields are
+// copies, so the compiler knows that the stores cannot change what relax(j) reads.
+template <class Cost>
+struct Relax {
+  Cost cost;
+  Workspace w;
+  double min_val, ui;  // ui = u[i]
+  int32_t i;
+  bool first;
+
+  LSA_HD void operator()(int32_t j) const {
+    const double r = ((min_val + cost(i, j)) - ui) - w.v[j];
+    if (first) {
+      w.spc[j] = r;
+      w.path[j] = i;
+      return;
+    }
+    const double s = w.spc[j];
+    const bool better = r < s;
+    w.spc[j] = select(better, r, s);
+    w.path[j] = select(better, i, w.path[j]);
+  }
 };
 
 // Solves min sum c(i, col4row[i]) for an n x m problem with n <= m, `cost(i, j)`
@@ -105,52 +141,33 @@ struct Workspace {
 // scipy scans its `remaining` list in order; here each step relaxes every column in
 // storage order (contiguous, so a team of lanes reads coalesced and one CPU thread
 // vectorises) and the scan order survives only where it matters: in the tie rank,
-// computed from the column's position in `at`.
+// kept per column from its position in `at`.
 template <class Team, class Cost>
 LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspace w) {
   // NaN and -inf are exactly the entries that are not above -inf.
   if (team.any(n, m, [&](int32_t i, int32_t j) { return !(cost(i, j) > -kInf); })) {
     return kInvalid;
   }
+  // The scan list in its starting order, which every Dijkstra starts from: reversed
+  // (at[p] = m-1-p), so that a constant matrix gives the identity.
+  const auto restore = [w, m](int32_t p) {
+    const int32_t j = m - 1 - p;
+    w.at[p] = j;
+    w.rank[j] = tie_rank(p, w.row4col[j] < 0, m);
+  };
   team.for_each(n, [&](int32_t i) { w.u[i] = 0.0; w.col4row[i] = -1; });
   team.for_each(m, [&](int32_t j) { w.v[j] = 0.0; w.row4col[j] = -1; });
+  team.sync();
+  team.for_each(m, restore);
   team.sync();
 
   for (int32_t cur = 0; cur < n; ++cur) {
     // Dijkstra from row `cur` over the columns, until it reaches a free column.
-    // The scan list starts reversed so that a constant matrix gives the identity.
-    team.for_each(m, [&](int32_t j) {
-      w.at[j] = m - 1 - j;
-      w.lpos[j] = m - 1 - j;
-    });
-    team.sync();
     double min_val = 0.0;
     int32_t i = cur, nrem = m, sink = -1;
-    // The first step sets every column's path cost (scipy's reset to +inf followed by
-    // a relaxation that wins wherever the edge is finite). A column left at +inf keeps
-    // a stale path entry, which is never read: it cannot be picked while feasible.
-    auto first = [w, cost, i, ui = w.u[i]](int32_t j) {
-      w.spc[j] = ((0.0 + cost(i, j)) - ui) - w.v[j];
-      w.path[j] = i;
-    };
-    auto tie = [w, m](int32_t j) { return tie_rank(w.lpos[j], w.row4col[j] < 0, m); };
-    for (bool initial = true; sink < 0; initial = false) {
-      // Relax the edges of row i; a scanned column (spc NaN) compares false and stays.
-      // The lambda captures by value so that the compiler knows the stores cannot
-      // change what it reads, and vectorises it.
-      auto relax = [w, cost, min_val, i, ui = w.u[i]](int32_t j) {
-        const double r = ((min_val + cost(i, j)) - ui) - w.v[j];
-        const double s = w.spc[j];
-        const bool better = r < s;
-        w.spc[j] = select(better, r, s);
-        w.path[j] = select(better, i, w.path[j]);
-      };
-      Key best;
-      if (initial) {
-        best = team.argmin(m, first, w.spc, tie);
-      } else {
-        best = team.argmin(m, relax, w.spc, tie);
-      }
+    for (bool first = true; sink < 0; first = false) {
+      const Relax<Cost> relax{cost, w, min_val, w.u[i], i, first};
+      const Key best = team.argmin(m, relax, w.spc, w.rank);
       min_val = best.value;
       if (min_val == kInf) return kInfeasible;
       const int32_t j = best.col;
@@ -161,9 +178,9 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
       }
       // Swap-remove j from the scan list, keeping it (and its path cost) at the tail.
       if (team.leader()) {
-        const int32_t p = w.lpos[j], last = w.at[nrem - 1];
+        const int32_t p = scan_position(w.rank[j], m), last = w.at[nrem - 1];
         w.at[p] = last;
-        w.lpos[last] = p;
+        w.rank[last] = tie_rank(p, w.row4col[last] < 0, m);
         w.at[nrem - 1] = j;
         w.sval[nrem - 1] = min_val;
         w.spc[j] = kNaN;
@@ -195,6 +212,21 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
         if (r == cur) break;
       }
     }
+    team.sync();
+
+    // Restore the scan list. Only the positions this Dijkstra touched differ from the
+    // starting order: the tail [nrem, m) and the position each scanned column left,
+    // which its rank still gives (collected in `path` first: restoring rewrites
+    // ranks). Their columns get their ranks with this row's matching (the sink is now
+    // matched); no other column's status changed.
+    team.for_each(m - nrem, [&](int32_t k) {
+      w.path[nrem + k] = scan_position(w.rank[w.at[nrem + k]], m);
+    });
+    team.sync();
+    team.for_each(m - nrem, [&](int32_t k) {
+      restore(nrem + k);
+      restore(w.path[nrem + k]);
+    });
     team.sync();
   }
   return kOk;

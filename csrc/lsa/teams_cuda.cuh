@@ -37,15 +37,15 @@ __device__ __forceinline__ Key warp_min_key(Key best) {
 
 // The lane's own best key over k = first, first + stride, ... < n; relax(k) runs
 // before val[k] is read, once per k (the lane owns column k for this step).
-template <class Relax, class Tie>
+template <class Relax>
 __device__ __forceinline__ Key lane_min_key(int32_t first, int32_t stride, int32_t n, Relax& relax,
-                                            const double* val, Tie& tie) {
+                                            const double* val, const int32_t* rank) {
   Key best = Key::none();
 #pragma unroll 1
   for (int32_t k = first; k < n; k += stride) {
     relax(k);
     const double x = val[k];
-    if (x <= best.value) best = min_key(best, Key{x, tie(k), k});  // NaN: no candidate
+    if (x <= best.value) best = min_key(best, Key{x, rank[k], k});  // NaN: no candidate
   }
   return best;
 }
@@ -89,10 +89,10 @@ class WarpTeam {
     return __any_sync(kFullMask, lane_any(lane_, size, rows, cols, pred));
   }
 
-  template <class Relax, class Tie>
+  template <class Relax>
   __device__ __forceinline__ Key argmin(int32_t n, Relax&& relax, const double* val,
-                                        Tie&& tie) const {
-    return warp_min_key(lane_min_key(lane_, size, n, relax, val, tie));
+                                        const int32_t* rank) const {
+    return warp_min_key(lane_min_key(lane_, size, n, relax, val, rank));
   }
 
  private:
@@ -123,9 +123,10 @@ class BlockTeam {
     return __syncthreads_or(lane_any(rank_, size, rows, cols, pred)) != 0;
   }
 
-  template <class Relax, class Tie>
-  __device__ __forceinline__ Key argmin(int32_t n, Relax&& relax, const double* val, Tie&& tie) {
-    const Key best = warp_min_key(lane_min_key(rank_, size, n, relax, val, tie));
+  template <class Relax>
+  __device__ __forceinline__ Key argmin(int32_t n, Relax&& relax, const double* val,
+                                        const int32_t* rank) {
+    const Key best = warp_min_key(lane_min_key(rank_, size, n, relax, val, rank));
     Key* half = scratch_ + half_ * kWarpSize;
     half_ ^= 1;
     const int lane = rank_ % kWarpSize, warps = size / kWarpSize;
