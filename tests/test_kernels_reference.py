@@ -253,3 +253,27 @@ def test_mask_einsum_empty_sizes(backend, device, B, T, C, H, W):
     grad = torch.ones_like(out)
     for a, b in zip((out, *torch.autograd.grad(out, leaves, grad)), (ref, *torch.autograd.grad(ref, leaves, grad))):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend,device", IMPLS)
+def test_targets_as_lists(backend, device):
+    """Ragged targets as lists of [T_b, P] masks and [T_b] labels: the padded call's cost."""
+    g = torch.Generator().manual_seed(6)
+    x, y, counts, logits, labels = batch(g, B=3, Q=4, T=5, P=21)
+    counts = torch.tensor([5, 0, 2])
+    on = lambda t: t.to(device)  # noqa: E731
+    masks = [on(y[b, :n]) for b, n in enumerate(counts.tolist())]
+    labs = [on(labels[b, :n]) for b, n in enumerate(counts.tolist())]
+    got = pairwise_mask_cost(on(x), masks, None, on(logits), labs, backend=backend)
+    want = pairwise_mask_cost(on(x), on(y), on(counts), on(logits), on(labels), backend=backend)
+    torch.testing.assert_close(got, want)
+    embed, feat = torch.randn(3, 4, 6, generator=g), torch.randn(3, 6, 3, 7, generator=g)
+    got = mask_cost_from_embeddings(on(embed), on(feat), [m.view(-1, 3, 7) for m in masks], None, on(logits), labs,
+                                    backend=backend)
+    want = mask_cost_from_embeddings(on(embed), on(feat), on(y.view(3, 5, 3, 7)), on(counts), on(logits),
+                                     on(labels), backend=backend)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="tgt_counts comes from the list"):
+        pairwise_mask_cost(on(x), masks, on(counts), backend=backend)
+    with pytest.raises(ValueError, match="expected 3 target tensors"):
+        pairwise_mask_cost(on(x), masks[:2], backend=backend)

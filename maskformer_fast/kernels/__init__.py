@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from maskformer_fast.kernels.reference import (
     mask_cost_from_embeddings_torch,
@@ -61,6 +62,27 @@ def _triton_impl(backend: str, name: str, module: str, *tensors: torch.Tensor | 
     return impl
 
 
+def _pad_ragged(name: str, tgt_masks, tgt_counts, tgt_labels, B: int, spatial: tuple):
+    """Targets given as lists (B tensors ``[T_b, *spatial]``, labels ``[T_b]``) -> the padded
+    ``[B, Tmax, *spatial]`` tensor (zero padding), counts and labels ``[B, Tmax]``."""
+    if not isinstance(tgt_masks, (list, tuple)):
+        if isinstance(tgt_labels, (list, tuple)):
+            raise ValueError(f"{name}: tgt_labels is a list but tgt_masks is not")
+        return tgt_masks, tgt_counts, tgt_labels
+    if tgt_counts is not None:
+        raise ValueError(f"{name}: tgt_counts comes from the list of targets; pass None")
+    if len(tgt_masks) != B or any(tuple(m.shape[1:]) != spatial for m in tgt_masks):
+        raise ValueError(f"{name}: expected {B} target tensors [T_b, {', '.join(map(str, spatial))}], got "
+                         f"{[list(m.shape) for m in tgt_masks]}")
+    counts = torch.tensor([len(m) for m in tgt_masks], dtype=torch.int64)
+    if tgt_labels is not None:
+        if not isinstance(tgt_labels, (list, tuple)) or [len(t) for t in tgt_labels] != counts.tolist():
+            raise ValueError(f"{name}: with a list of targets, tgt_labels is a list of as many labels")
+        tgt_labels = pad_sequence(list(tgt_labels), batch_first=True) if B else torch.zeros(0, 0, dtype=torch.int64)
+    masks = pad_sequence(list(tgt_masks), batch_first=True) if B else torch.zeros(0, 0, *spatial)
+    return masks, counts.to(masks.device), tgt_labels
+
+
 def _check_cost_args(name, B, Q, T, tgt_counts, class_logits, tgt_labels, mask_cost):
     if mask_cost not in MASK_COSTS:
         raise ValueError(f"mask_cost must be one of {MASK_COSTS}, got {mask_cost!r}")
@@ -84,12 +106,16 @@ def pairwise_mask_cost(mask_logits: torch.Tensor, tgt_masks: torch.Tensor, tgt_c
 
     Args:
         mask_logits: ``[B, Q, P]`` (fp32 / fp16 / bf16).
-        tgt_masks: ``[B, T, P]`` in [0, 1] (any float, bool or uint8 dtype).
+        tgt_masks: ``[B, T, P]`` in [0, 1] (any float, bool or uint8 dtype), or a list of B
+            tensors ``[T_b, P]`` (then tgt_counts is None and tgt_labels a list of ``[T_b]``).
         tgt_counts: ``[B]``: targets beyond an image's count are padding; None: all valid.
         class_logits: ``[B, Q, K+1]`` and tgt_labels ``[B, T]`` int64, for the class term
             ``-softmax(class_logits)[q, label_t]``; omit both for no class term.
         w_class, w_mask, w_dice: weights; mask_cost: "bce" or "focal" (alpha 0.25, gamma 2).
     """
+    if mask_logits.dim() == 3:
+        tgt_masks, tgt_counts, tgt_labels = _pad_ragged("pairwise_mask_cost", tgt_masks, tgt_counts, tgt_labels,
+                                                        mask_logits.shape[0], tuple(mask_logits.shape[2:]))
     if mask_logits.dim() != 3 or tgt_masks.dim() != 3 or tgt_masks.shape[0] != mask_logits.shape[0] \
             or tgt_masks.shape[2] != mask_logits.shape[2]:
         raise ValueError(f"pairwise_mask_cost: mask_logits [B, Q, P] and tgt_masks [B, T, P] must agree, got "
@@ -110,7 +136,11 @@ def mask_cost_from_embeddings(mask_embed: torch.Tensor, pixel_feat: torch.Tensor
                               w_mask: float = 1.0, w_dice: float = 1.0, mask_cost: str = "bce",
                               backend: str = "auto") -> torch.Tensor:
     """:func:`pairwise_mask_cost` of the logits ``einsum("bqc,bchw->bqhw", mask_embed,
-    pixel_feat)`` against ``tgt_masks [B, T, H, W]``, never materialising the logits."""
+    pixel_feat)`` against ``tgt_masks [B, T, H, W]`` (or a list of B ``[T_b, H, W]``), never
+    materialising the logits."""
+    if pixel_feat.dim() == 4:
+        tgt_masks, tgt_counts, tgt_labels = _pad_ragged("mask_cost_from_embeddings", tgt_masks, tgt_counts,
+                                                        tgt_labels, pixel_feat.shape[0], tuple(pixel_feat.shape[2:]))
     if mask_embed.dim() != 3 or pixel_feat.dim() != 4 or tgt_masks.dim() != 4:
         raise ValueError("mask_cost_from_embeddings: expected mask_embed [B, Q, C], pixel_feat [B, C, H, W], "
                          f"tgt_masks [B, T, H, W]; got {list(mask_embed.shape)}, {list(pixel_feat.shape)}, "
