@@ -1,11 +1,13 @@
 """Hungarian matching of predicted masks to targets, for the whole batch at once.
 
-A drop-in for the matchers of DETR (``models/matcher.py``), MaskFormer and Mask2Former
-(``matcher.py``) and, through :class:`HFHungarianMatcher`, for Hugging Face transformers'
-``Mask2FormerHungarianMatcher``: the same arguments, the same cost formulas, the same
-indices, but one fused cost computation and one batched assignment for the whole batch
-(and, if asked, for every decoder layer at once) instead of a per-image loop that copies
-each cost matrix to the host and calls scipy.
+A drop-in for the mask matchers of MaskFormer and Mask2Former (``matcher.py``) and, through
+:class:`HFHungarianMatcher` and :class:`HFMaskFormerHungarianMatcher`, for Hugging Face
+transformers' ``Mask2FormerHungarianMatcher`` and ``MaskFormerHungarianMatcher``: the same
+arguments, the same cost formulas, the same indices, but one fused cost computation and one
+batched assignment for the whole batch (and, if asked, for every decoder layer at once)
+instead of a per-image loop that copies each cost matrix to the host and calls scipy. It
+computes mask costs only: DETR's box costs (L1, GIoU) are not computed here; DETR-style code
+keeps its own cost and replaces its scipy loop by ``batch_linear_sum_assignment``.
 
 Cost of query q for target t (p = sigmoid(mask logit), y = target mask, P points or pixels):
 
@@ -61,11 +63,19 @@ def pad_targets(targets: Sequence[dict], device: torch.device) -> tuple:
     tmax = max(counts, default=0)
     masks = torch.zeros(len(targets), tmax, H, W, device=device)
     labels = torch.zeros(len(targets), tmax, dtype=torch.int64, device=device)
-    for b, t in enumerate(targets):
+    for b, t in enumerate(targets):  # targets on the host: copied with no explicit sync
         if counts[b]:
-            masks[b, : counts[b]] = t["masks"].to(device=device, dtype=masks.dtype)
-        labels[b, : counts[b]] = t["labels"].to(device)
+            masks[b, : counts[b]] = t["masks"].to(device, non_blocking=True)
+        labels[b, : counts[b]] = t["labels"].to(device, non_blocking=True)
     return masks, labels, torch.tensor(counts, dtype=torch.int64)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; a host tensor goes to CUDA through pinned memory, so that the
+    copy is asynchronous and the host never waits for the GPU."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 class HungarianMatcher(nn.Module):
@@ -134,10 +144,11 @@ class HungarianMatcher(nn.Module):
                 no-object class is the last logit.
             targets: B dicts ``{"labels": [T] int64, "masks": [T, H, W]}`` (T may be 0).
             as_tensor: return ``col4row [B, Q]`` (int64 on the predictions' device, -1 for
-                an unmatched query) instead of index pairs. With ``nonfinite="forbid"`` and
-                the CUDA kernels this needs no host synchronisation; an image left with no
-                complete matching of finite cost then comes back unmatched (all -1)
-                instead of raising.
+                an unmatched query) instead of index pairs. With ``nonfinite="forbid"``, the
+                CUDA kernels and targets on the GPU this needs no host synchronisation; an
+                image left with no complete matching of finite cost then comes back
+                unmatched (all -1) instead of raising. (``nonfinite="raise"`` syncs once to
+                look for non-finite costs; the index pairs sync once to copy them.)
 
         Returns:
             B pairs ``(pred_idx, tgt_idx)`` of int64 CPU tensors, ``pred_idx`` increasing,
@@ -162,6 +173,7 @@ class HungarianMatcher(nn.Module):
             raise ValueError(f"{len(targets)} targets for a batch of {B} predictions")
         device = layers[0]["pred_masks"].device
         tgt_masks, tgt_labels, counts = pad_targets(targets, device)
+        counts = _to_device(counts, device)
         with torch.autocast(device.type, enabled=False):  # costs in fp32, as Mask2Former
             # one kernel call per layer (no copy of the layers' masks into one tensor), in
             # the order the reference draws its sampling points
@@ -216,7 +228,8 @@ class HungarianMatcher(nn.Module):
         reference matchers draw them, shared by the predictions and the targets of that image."""
         device = self.generator.device if self.generator is not None else pred.device
         draws = [torch.rand(self.num_points, 2, generator=self.generator, device=device) for _ in range(pred.shape[0])]
-        return (torch.stack(draws) if draws else torch.zeros(0, self.num_points, 2, device=device)).to(pred.device)
+        return _to_device(torch.stack(draws) if draws else torch.zeros(0, self.num_points, 2, device=device),
+                          pred.device)
 
     def _sample(self, pred: torch.Tensor, tgt: torch.Tensor, coords: torch.Tensor | None):
         """Predictions ``[B, Q, h, w]`` and targets ``[B, T, H, W]`` as ``[B, Q, P]`` and
@@ -258,14 +271,16 @@ def _pairs(col4row: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 class HFHungarianMatcher(HungarianMatcher):
-    """Hugging Face transformers' ``Mask2FormerHungarianMatcher`` signature:
-    ``HFHungarianMatcher(cost_class, cost_mask, cost_dice, num_points)`` and
-    ``forward(masks_queries_logits, class_queries_logits, mask_labels, class_labels)``,
-    returning a list of B ``(pred_idx, tgt_idx)`` int64 tensors."""
+    """Hugging Face transformers' matcher signature: ``HFHungarianMatcher(cost_class, cost_mask,
+    cost_dice, num_points)`` and ``forward(masks_queries_logits, class_queries_logits,
+    mask_labels, class_labels)``, returning a list of B ``(pred_idx, tgt_idx)`` int64 tensors.
+    The defaults are ``Mask2FormerHungarianMatcher``'s (sigmoid-BCE on 12,544 points);
+    ``num_points=0, mask_cost="focal"`` is ``MaskFormerHungarianMatcher``
+    (:class:`HFMaskFormerHungarianMatcher`)."""
 
     def __init__(self, cost_class: float = 1.0, cost_mask: float = 1.0, cost_dice: float = 1.0,
-                 num_points: int = 12544, **kwargs):
-        super().__init__(cost_class, cost_mask, cost_dice, num_points, "bce", **kwargs)
+                 num_points: int = 12544, mask_cost: str = "bce", **kwargs):
+        super().__init__(cost_class, cost_mask, cost_dice, num_points, mask_cost, **kwargs)
 
     @torch.no_grad()
     def forward(self, masks_queries_logits: torch.Tensor, class_queries_logits: torch.Tensor,
@@ -273,3 +288,11 @@ class HFHungarianMatcher(HungarianMatcher):
         outputs = {"pred_logits": class_queries_logits, "pred_masks": masks_queries_logits}
         targets = [{"labels": c, "masks": m} for c, m in zip(class_labels, mask_labels)]
         return super().forward(outputs, targets)
+
+
+class HFMaskFormerHungarianMatcher(HFHungarianMatcher):
+    """transformers' ``MaskFormerHungarianMatcher(cost_class, cost_mask, cost_dice)``: the focal
+    mask cost on full masks, targets resized (nearest) to the prediction size."""
+
+    def __init__(self, cost_class: float = 1.0, cost_mask: float = 1.0, cost_dice: float = 1.0, **kwargs):
+        super().__init__(cost_class, cost_mask, cost_dice, num_points=0, mask_cost="focal", **kwargs)
