@@ -5,7 +5,11 @@
    order equals the sequential team bit for bit, and the kernels' per-item code
    (lsa::cuda::solve_item: sizes check, orientation, strided reads, staging, outputs) runs
    on the host through a small nvcc-built library and equals the CPU op bit for bit;
-3. the GPU tests (marked cuda) and `python -m maskformer_fast.selfcheck` run where a GPU is.
+3. the GPU tests (marked cuda) and `python -m maskformer_fast.selfcheck` run where a GPU is;
+4. the GPU tests include the public API (backend "auto", errors="status" without a sync
+   and under graph capture, errors="raise" with one sync).
+
+The nvcc resource report (no spills) is checked in tests/test_build.py.
 """
 
 from __future__ import annotations
@@ -15,13 +19,17 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
+import scipy.optimize
 import torch
 
 from maskformer_fast import _ops
-from maskformer_fast.selfcheck import COLUMNS, check_parity, corpus, format_table
+from maskformer_fast.selfcheck import (
+    COLUMNS, TLA_CASES, check_parity, corpus, format_table, kernel_table, verdicts,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [
@@ -37,6 +45,24 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 def duals(cost, sizes=None, maximize=False, lanes=1):
     return torch.ops.maskformer_fast.lsa_duals(cost, sizes, maximize, lanes)
+
+
+def state_bytes(R, C):
+    """Bytes of one item's solver state (lsa::cuda::state_bytes)."""
+    return 8 * (R + 3 * C) + (4 * (R + 4 * C) + 7) // 8 * 8
+
+
+def workspace_cases(optin):
+    """(name, (B, N, M), lanes) whose solver state does not fit in `optin` bytes of shared
+    memory (40 bytes of state per column): one item for the block team, four (a block's
+    warps) for the warp team."""
+    wide, narrow = optin // 40 + 64, optin // (4 * 40) + 64
+    return [
+        ("block, wide", (1, 300, wide), 1),
+        ("block, tall transposed view", (2, wide, 200), 1),
+        ("block, ties", (1, 150, wide), 1),
+        ("warp", (4, 100, narrow), WARP),
+    ]
 
 
 def assert_identical(got, want, what=""):
@@ -219,6 +245,13 @@ def test_plan(emulator):
     assert emulator.plan(1, 2000, 2000, **h100)["state_shared"] == 1  # 104 KB
     big = emulator.plan(1, 3000, 5000, **h100)  # 236 KB
     assert big["state_shared"] == 0 and big["stage_cost"] == 0 and big["workspace_bytes"] > 0
+    assert big["workspace_bytes"] == state_bytes(3000, 5000)
+    # The GPU workspace test's cases use the workspace on any device.
+    for optin in (99 * 1024, 227 * 1024):
+        for name, (B, N, M), lanes in workspace_cases(optin):
+            q = emulator.plan(B, N, M, sms=132, smem_optin=optin, lanes=lanes)
+            assert q["block"] == (lanes != WARP) and q["state_shared"] == 0, (name, optin)
+            assert q["workspace_bytes"] == B * state_bytes(min(N, M), max(N, M)), (name, optin)
     # lanes forces the team.
     assert emulator.plan(1, 1000, 1000, **h100, lanes=WARP)["block"] == 0
     assert emulator.plan(1000, 5, 5, **h100, lanes=BLOCK)["block"] == 1
@@ -247,6 +280,37 @@ def test_selfcheck_table_format():
     assert lines[0] == "Device: Test GPU (median ms)"
     assert all(column in lines[2] for column in COLUMNS)
     assert lines[-1] == "| B=208 300x100 | 70.000 | 7.000 | 1.000 | n/a | 70.0x | 7.0x | n/a |"
+
+
+def test_selfcheck_verdicts():
+    def row(cuda, cpu=10.0, tla=None):
+        return {"scipy loop": 50.0, "maskformer_fast cpu": cpu, "maskformer_fast cuda": cuda,
+                "torch-linear-assignment": tla}
+
+    published = [(case, row(1.0, tla=2.0)) for case in TLA_CASES]
+    assert verdicts(published + [("2000x2000", row(5.0, cpu=9.0))]) == [
+        "goal: ahead of torch-linear-assignment on each of its published cases: met",
+        "goal: faster than this library's CPU path on the single 2000x2000: met "
+        "(5.000 ms vs 9.000 ms)",
+    ]
+    published[1] = (TLA_CASES[1], row(3.0, tla=2.0))
+    missed = verdicts(published + [("2000x2000", row(9.5, cpu=9.0))])
+    assert missed[0].endswith(f"NOT MET on {TLA_CASES[1]}") and ": NOT MET (" in missed[1]
+    assert verdicts([(case, row(1.0)) for case in TLA_CASES]) == [
+        "goal: ahead of torch-linear-assignment on each of its published cases: not measured "
+        "(torch-linear-assignment not installed)",
+        "goal: faster than this library's CPU path on the single 2000x2000: not measured",
+    ]
+
+
+def test_selfcheck_kernel_table_format():
+    rows = [("P=12,544 points", 2_000_000_000, [1.0, 4.0, 8.0])]
+    lines = kernel_table(rows, peak=4e12).splitlines()
+    assert "(4000 GB/s)" in lines[1]
+    assert lines[-1] == "| P=12,544 points | 2000.0 | 0.500 | 1.000 | 2000 | 4.000 | 500 | 8.000 |"
+    lines = kernel_table(rows, peak=None).splitlines()
+    assert "(unknown)" in lines[1]
+    assert lines[-1] == "| P=12,544 points | 2000.0 | n/a | 1.000 | 2000 | 4.000 | 500 | 8.000 |"
 
 
 @needs_ops
@@ -283,7 +347,7 @@ def test_cuda_dtypes_and_strides(dtype):
             got = duals(view.cuda(), None, maximize)
             assert_identical(got, duals(view, None, maximize), f"{dtype} {view.stride()}")
             # A strided view of a CUDA tensor is read in place, not copied.
-            strided = base.cuda().as_strided(view.shape, view.stride())
+            strided = base.cuda().as_strided(view.shape, view.stride(), view.storage_offset())
             assert_identical(duals(strided, None, maximize), got, "strided CUDA view")
 
 
@@ -300,18 +364,69 @@ def test_cuda_warp_and_block_sides_of_the_threshold():
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_non_default_stream_and_graph_capture():
+def test_cuda_global_workspace_equals_cpu():
+    """Items whose solver state does not fit in shared memory: the state in the global
+    workspace, the cost read in place (plan_for). The block team (one item over the opt-in
+    limit; both orientations, the second a transposed view) and the warp team (four items
+    per block over it)."""
+    optin = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    g = torch.Generator().manual_seed(8)
+    for name, (B, N, M), lanes in workspace_cases(optin):
+        if "transposed" in name:
+            cost = torch.rand(B, M, N, generator=g).transpose(1, 2)
+        elif "ties" in name:
+            cost = torch.randint(0, 5, (B, N, M), generator=g).double()
+        else:
+            cost = torch.rand(B, N, M, generator=g)
+        assert_identical(duals(cost.cuda(), None, False, lanes), duals(cost), name)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_ragged_sizes_on_the_block_team():
+    """Ragged items (either orientation, empty ones) on the block team: padding is NaN, so
+    any read of it would show as status 2."""
+    g = torch.Generator().manual_seed(9)
+    for (B, N, M), lanes in [((6, 200, 1500), 1), ((8, 60, 90), BLOCK)]:  # 1500 > 1024: a block
+        cost = torch.randint(0, 20, (B, N, M), generator=g).float()
+        sizes = torch.stack([torch.randint(0, N + 1, (B,), generator=g),
+                             torch.randint(0, M + 1, (B,), generator=g)], 1)
+        sizes[:3] = torch.tensor([[N, M], [N, 5], [0, 7]])  # full, tall, empty
+        for b, (n, m) in enumerate(sizes.tolist()):
+            cost[b, n:], cost[b, :, m:] = float("nan"), float("nan")
+        want = duals(cost, sizes)
+        assert (want[1] == 0).all()
+        got = duals(cost.cuda(), sizes.cuda(), False, lanes)
+        assert_identical(got, want, f"ragged {B}x{N}x{M}, lanes={lanes}")
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_runs_on_the_current_stream():
+    """The cost is written on a side stream after a long sleep there, and the op called on
+    that stream with no sync in between: on any other stream it would solve the zeros."""
+    g = torch.Generator().manual_seed(4)
+    cost = torch.rand(64, 50, 80, generator=g)
+    src, gpu = cost.cuda(), torch.zeros(cost.shape, device="cuda")
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(100_000_000)  # tens of milliseconds on this stream only
+        gpu.copy_(src)
+        got = duals(gpu, None, False, 1)
+        col4row, status = torch.ops.maskformer_fast.lsa(gpu, None, False)
+    torch.cuda.synchronize()
+    want = duals(cost)
+    assert_identical(got, want, "side stream")
+    assert torch.equal(col4row.cpu(), want[0]) and torch.equal(status.cpu(), want[1])
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_graph_capture():
     g = torch.Generator().manual_seed(4)
     cost = torch.rand(16, 30, 50, generator=g)
     cost[3, :, :] = float("nan")  # an invalid item: status, no raise, no sync
-    want = torch.ops.maskformer_fast.lsa(cost, None, False)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        gpu = cost.cuda()
-        got = torch.ops.maskformer_fast.lsa(gpu, None, False)
-    stream.synchronize()
-    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
-
     static = cost.cuda()
     torch.ops.maskformer_fast.lsa(static, None, False)  # warm-up outside the capture
     graph = torch.cuda.CUDAGraph()
@@ -338,3 +453,107 @@ def test_cuda_bad_sizes_and_infeasible_without_sync():
         torch.cuda.set_sync_debug_mode("default")
     assert status.tolist() == [0, _ops.STATUS_INFEASIBLE, STATUS_BAD_SIZES, STATUS_BAD_SIZES]
     assert (col4row[1:] == -1).all()
+
+
+# 4. Through the public API.
+
+
+def cpu_reference(cost, sizes):
+    from maskformer_fast.hungarian import batch_linear_sum_assignment
+
+    return batch_linear_sum_assignment(cost, sizes, errors="status", backend="cpu")
+
+
+def assert_same_assignment(got, want, what):
+    assert got.col4row.is_cuda and got.status.is_cuda, what
+    assert torch.equal(got.col4row.cpu(), want.col4row), what
+    assert torch.equal(got.status.cpu(), want.status), what
+
+
+@cuda
+@pytest.mark.cuda
+def test_public_api_auto_picks_cuda(monkeypatch):
+    from maskformer_fast.hungarian import batch_linear_sum_assignment, linear_sum_assignment
+
+    def no_scipy(*args):
+        raise AssertionError("backend='auto' fell back to scipy for CUDA tensors")
+
+    monkeypatch.setattr(_ops, "_lsa_scipy", no_scipy)
+    assert _ops.resolve_backend("auto", torch.device("cuda")) == "cuda"
+    g = torch.Generator().manual_seed(12)
+    cost = torch.rand(8, 30, 45, generator=g)
+    sizes = torch.stack([torch.randint(0, 31, (8,), generator=g),
+                         torch.randint(0, 46, (8,), generator=g)], 1)
+    want = cpu_reference(cost, sizes)
+    # sizes as a CUDA tensor, or host-side (copied to the device first)
+    for s in (sizes.cuda(), sizes.tolist(), sizes.numpy()):
+        got = batch_linear_sum_assignment(cost.cuda(), s)
+        assert_same_assignment(got, want, f"sizes as {type(s).__name__}")
+    rows, cols = linear_sum_assignment(cost[0].cuda())
+    ref_rows, ref_cols = scipy.optimize.linear_sum_assignment(cost[0].double().numpy())
+    assert rows.is_cuda and cols.is_cuda
+    assert rows.tolist() == ref_rows.tolist() and cols.tolist() == ref_cols.tolist()
+
+
+@cuda
+@pytest.mark.cuda
+def test_public_api_errors_status_no_sync_and_graph_capture():
+    """errors="status" with sizes as a CUDA int64 tensor: no host sync (any would raise under
+    sync debug mode "error"), and capturable in a CUDA graph."""
+    from maskformer_fast.hungarian import batch_linear_sum_assignment
+
+    g = torch.Generator().manual_seed(13)
+    cost = torch.rand(4, 20, 30, generator=g)
+    cost[2, 0, 0] = float("nan")
+    sizes = torch.tensor([[20, 30], [5, 30], [20, 30], [20, 4]])
+    gpu, gpu_sizes = cost.cuda(), sizes.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = batch_linear_sum_assignment(gpu, gpu_sizes, errors="status")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_same_assignment(got, cpu_reference(cost, sizes), "no sync")
+    assert int(got.status[2]) == _ops.STATUS_INVALID
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = batch_linear_sum_assignment(gpu, gpu_sizes, errors="status")
+    new_cost = torch.rand(4, 20, 30, generator=g)
+    new_sizes = torch.tensor([[3, 30], [20, 30], [20, 1], [0, 0]])
+    gpu.copy_(new_cost)
+    gpu_sizes.copy_(new_sizes)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_same_assignment(captured, cpu_reference(new_cost, new_sizes), "graph replay")
+
+
+@cuda
+@pytest.mark.cuda
+def test_public_api_errors_raise_syncs_once():
+    """errors="raise" reads `status` on the host: exactly one synchronising call, whether
+    every item is solved or one fails."""
+    from maskformer_fast.hungarian import batch_linear_sum_assignment
+
+    g = torch.Generator().manual_seed(14)
+    good = torch.rand(4, 20, 30, generator=g).cuda()
+    bad = good.clone()
+    bad[1, 3, 4] = float("nan")
+    sizes = torch.tensor([[20, 30], [20, 30], [7, 9], [20, 2]]).cuda()
+    torch.cuda.synchronize()
+    for cost, fails in ((good, False), (bad, True)):
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    batch_linear_sum_assignment(cost, sizes)
+                    raised = False
+                except ValueError as exc:
+                    assert "invalid numeric entries (batch item 1)" in str(exc)
+                    raised = True
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchronizing CUDA operation" in str(w.message)]
+        assert raised == fails and len(syncs) == 1, [str(w.message) for w in caught]
+

@@ -99,11 +99,31 @@ def test_half_precision_strided_inputs_and_no_class_term(backend, device, mask_c
     torch.testing.assert_close(got.cpu().double(), want, **COST_TOL)
 
 
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda)])
+@pytest.mark.parametrize("mask_cost", ["bce", "focal"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bfloat16_logits_on_gpu(device, mask_cost, shape):
+    """bf16 logits (GPU only: the interpreter has no bfloat16). The kernel reads them exactly
+    and computes in fp32, so the fp32 tolerance holds against the formulas on the same
+    bf16-rounded values."""
+    B, Q, T, P = shape
+    g = torch.Generator().manual_seed(B * 100 + T)
+    x, y, counts, logits, labels = batch(g, B, Q, T, P, dtype=torch.bfloat16)
+    got = pairwise_mask_cost(*(t.to(device) for t in (x, y, counts, logits, labels)), w_class=2.0, w_mask=5.0,
+                             w_dice=3.0, mask_cost=mask_cost, backend="triton")
+    want = direct_cost(x.float(), y, counts, logits, labels, 2.0, 5.0, 3.0, mask_cost)
+    assert got.dtype == torch.float32 and got.device.type == device
+    torch.testing.assert_close(got.cpu().double(), want, **COST_TOL)
+
+
 @pytest.mark.parametrize("backend,device", IMPLS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=cuda)])
 @pytest.mark.parametrize("shape", [(2, 6, 8, 9, 7, 5), (1, 70, 40, 5, 11, 3), (2, 3, 4, 2, 2, 0)])
 def test_cost_from_embeddings_equals_cost_of_einsum(backend, device, dtype, shape, monkeypatch):
-    """(B, Q, C, H, W, T): C and H * W not multiples of the tiles (16), Q over a tile (64), T = 0."""
+    """(B, Q, C, H, W, T): C and H * W not multiples of the tiles (16), Q over a tile (64), T = 0.
+    bfloat16 on the GPU only (the interpreter has none)."""
+    if dtype == torch.bfloat16 and device != "cuda":
+        pytest.skip("bfloat16 is checked on the GPU only")
     g = torch.Generator().manual_seed(2)
     B, Q, C, H, W, T = shape
     embed = (torch.randn(B, Q, C, generator=g) / C**0.5).to(dtype)
@@ -121,11 +141,14 @@ def test_cost_from_embeddings_equals_cost_of_einsum(backend, device, dtype, shap
 
 
 @pytest.mark.parametrize("backend,device", IMPLS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=cuda)])
 @pytest.mark.parametrize("shape", [(2, 5, 7, 6, 4), (1, 70, 40, 9, 13), (2, 0, 3, 2, 2), (1, 2, 0, 3, 3)])
 def test_mask_einsum_values_and_gradients(backend, device, dtype, shape):
     """(B, T, C, H, W): every dimension off the tiles (64 x 64 x 32), T = 0, C = 0; the
-    gradients of both inputs against torch autograd of the float64 einsum."""
+    gradients of both inputs against torch autograd of the float64 einsum. bfloat16 on the
+    GPU only (the interpreter has none)."""
+    if dtype == torch.bfloat16 and device != "cuda":
+        pytest.skip("bfloat16 is checked on the GPU only")
     B, T, C, H, W = shape
     g = torch.Generator().manual_seed(3)
     embed = torch.randn(B, T, C, generator=g).to(dtype)
@@ -137,8 +160,8 @@ def test_mask_einsum_values_and_gradients(backend, device, dtype, shape):
     ref_leaves = [t.double().requires_grad_() for t in (embed, feat)]
     ref = torch.einsum("btc,bchw->bthw", *ref_leaves)
     want = (ref, *torch.autograd.grad(ref, ref_leaves, grad.double()))
-    # fp16 results are rounded to fp16 (2^-11 relative); on a GPU fp32 dots use TF32 (2^-11)
-    tol = 2e-2 if dtype == torch.float16 or device == "cuda" else 1e-5
+    # fp16 / bf16 results are rounded (2^-11 / 2^-8 relative); on a GPU fp32 dots use TF32 (2^-11)
+    tol = 2e-2 if dtype != torch.float32 or device == "cuda" else 1e-5
     for a, b in zip(got, want):
         assert a.dtype == dtype and a.device.type == device
         torch.testing.assert_close(a.cpu().double(), b, rtol=tol, atol=tol * max(C, T, H * W) ** 0.5)

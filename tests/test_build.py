@@ -1,0 +1,71 @@
+"""The CUDA build's resource report, checked without a GPU: scripts/setup.sh keeps nvcc's
+`-Xptxas -v` report in build/ptxas.log, and no lsa kernel (warp or block team, any dtype,
+any architecture) may spill registers to local memory."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from maskformer_fast import _ops
+
+PTXAS_LOG = Path(__file__).resolve().parents[1] / "build" / "ptxas.log"
+
+
+def ptxas_spills(lines: list[str]) -> list[tuple[str, str, int, int]]:
+    """(function, architecture, spill store bytes, spill load bytes) per function of a
+    `ptxas -v` report."""
+    out, function, arch = [], "?", "?"
+    for line in lines:
+        if m := re.search(r"Compiling entry function '([^']+)' for '(\w+)'", line):
+            function, arch = m.groups()
+        elif m := re.search(r"Function properties for (\S+)", line):
+            function = m.group(1)
+        elif m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line):
+            out.append((function, arch, int(m.group(1)), int(m.group(2))))
+    return out
+
+
+def lsa_spill_failures(lines: list[str]) -> list[str]:
+    """One message per lsa kernel that spills; a report without lsa kernels is a failure."""
+    entries = [e for e in ptxas_spills(lines) if "lsa" in e[0]]
+    if not entries:
+        return ["no ptxas resource report for the lsa kernels (is `-Xptxas -v` still among "
+                "setup.py's nvcc flags?)"]
+    return [f"{name} on {arch}: {stores} bytes spill stores, {loads} bytes spill loads"
+            for name, arch, stores, loads in entries if stores or loads]
+
+
+def test_lsa_kernels_do_not_spill():
+    if not PTXAS_LOG.exists():
+        pytest.skip(f"{PTXAS_LOG} is absent: build with scripts/setup.sh to keep nvcc's report")
+    if not _ops.has_kernel("cuda"):
+        pytest.skip("the extension has no CUDA kernel: nvcc compiled nothing")
+    lines = PTXAS_LOG.read_text().splitlines()
+    assert lsa_spill_failures(lines) == []
+    kernels = " ".join(name for name, *_ in ptxas_spills(lines))
+    assert "lsa_warp_kernel" in kernels and "lsa_block_kernel" in kernels
+
+
+def test_spill_check_on_a_synthetic_report():
+    warp = "_ZN3lsa4cuda15lsa_warp_kernelIfEEvNS0_5BatchENS0_4PlanEPc"
+    block = "_ZN3lsa4cuda16lsa_block_kernelIfEEvNS0_5BatchENS0_4PlanEPc"
+    report = f"""\
+  ptxas info    : Compiling entry function '{warp}' for 'sm_90'
+  ptxas info    : Function properties for {warp}
+      16 bytes stack frame, 24 bytes spill stores, 8 bytes spill loads
+  ptxas info    : Used 255 registers, used 0 barriers, 536 bytes cmem[0]
+  ptxas info    : Compiling entry function '{block}' for 'sm_90'
+  ptxas info    : Function properties for {block}
+      0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+  ptxas info    : Compiling entry function 'other_kernel' for 'sm_90'
+  ptxas info    : Function properties for other_kernel
+      0 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads""".splitlines()
+    assert ptxas_spills(report) == [(warp, "sm_90", 24, 8), (block, "sm_90", 0, 0),
+                                    ("other_kernel", "sm_90", 4, 4)]
+    assert lsa_spill_failures(report) == [
+        f"{warp} on sm_90: 24 bytes spill stores, 8 bytes spill loads"]
+    assert lsa_spill_failures(report[5:]) == []
+    assert "no ptxas resource report" in lsa_spill_failures(report[7:])[0]
