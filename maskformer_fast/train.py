@@ -47,7 +47,7 @@ class Config:
     grad_clip: float = 1.0
     eval_images: int = 300
     checkpoint_every: int = 100
-    max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
+    max_bad_steps: int = 10  # consecutive skipped (non-finite) steps before the run stops
     seed: int = 0
 
     @classmethod
@@ -131,6 +131,15 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def _any_rank(flag: bool, world: int, device: torch.device) -> bool:
+    """``flag`` or'ed over the processes (all of them must call this together)."""
+    if world == 1:
+        return bool(flag)
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t)
+
+
 def train(cfg: Config, out: str, resume: bool = False, device: str | None = None,
           evaluate_at_end: bool = True, progress: bool = True) -> dict:
     """Trains, checkpoints to ``out/checkpoint.pt``, logs to ``out/log.jsonl``, and at the
@@ -147,7 +156,7 @@ def train(cfg: Config, out: str, resume: bool = False, device: str | None = None
 
     train_set = SyntheticDataset(cfg.data, cfg.steps * cfg.batch_size, seed=cfg.seed)
     model, criterion, optimizer, scheduler = build(cfg, train_set.num_classes, dev)
-    start, elapsed, history = 0, 0.0, []
+    start, elapsed, history, bad_steps = 0, 0.0, [], 0
     if resume:
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
@@ -159,12 +168,12 @@ def train(cfg: Config, out: str, resume: bool = False, device: str | None = None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, elapsed, history = state["step"], state["train_seconds"], state["history"]
+        bad_steps = state.get("bad_steps", 0)
         if rank == 0:
             _truncate_log(log_path, start)
     ddp = DistributedDataParallel(model) if world > 1 else model
 
     per_rank = cfg.batch_size // world
-    bad_steps = 0
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress or rank != 0,
                desc=f"train {cfg.data}", dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 10.0)  # a log file gets a line per 10 s
@@ -178,43 +187,55 @@ def train(cfg: Config, out: str, resume: bool = False, device: str | None = None
         targets = [{k: v.to(dev) for k, v in t.items()} for t in targets]
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             outputs = ddp(images)
-        losses = criterion(outputs, targets)
-        loss = criterion.total(losses)
-        if not torch.isfinite(loss):
-            # Documented policy: a non-finite loss skips the update; too many in a row stop.
+        # Non-finite predictions (the matcher would refuse them) or loss: the step is skipped,
+        # on every rank together (one rank alone would wait in the gradient all-reduce).
+        reason = None
+        finite = all(torch.isfinite(o[k]).all() for o in (outputs, *outputs["aux_outputs"])
+                     for k in ("pred_logits", "pred_masks"))
+        if _any_rank(not finite, world, dev):
+            reason = "non-finite predictions"
+        else:
+            losses = criterion(outputs, targets)
+            loss = criterion.total(losses)
+            if _any_rank(not torch.isfinite(loss), world, dev):
+                reason = "non-finite loss"
+        optimizer.zero_grad(set_to_none=True)
+        if reason is not None:
+            # Documented policy: the update is skipped (and logged); too many in a row stop.
             bad_steps += 1
-            optimizer.zero_grad(set_to_none=True)
+            record = {"step": step + 1, "skipped": reason}
             if bad_steps >= cfg.max_bad_steps:
                 raise FloatingPointError(
-                    f"loss not finite for {bad_steps} consecutive steps (last at step {step}); "
-                    f"the last good checkpoint is {ckpt_path}"
+                    f"loss or predictions not finite for {bad_steps} consecutive steps (last at "
+                    f"step {step + 1}: {reason}); the last good checkpoint is {ckpt_path}"
                 )
-            continue
-        bad_steps = 0
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        value = float(loss.detach())
-        history.append(value)
-        if rank == 0:
+        else:
+            bad_steps = 0
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            value = float(loss.detach())
+            history.append(value)
             bar.set_postfix(loss=f"{value:.4f}")
+            record = {"step": step + 1, "loss": value, "lr": scheduler.get_last_lr()[0]}
+            record.update({k: float(v.detach()) for k, v in losses.items() if not _is_aux(k)})
+        if rank == 0:
             with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step + 1, "loss": value, "lr": scheduler.get_last_lr()[0],
-                                    **{k: float(v.detach()) for k, v in losses.items() if not _is_aux(k)}}) + "\n")
+                f.write(json.dumps(record) + "\n")
         done = step + 1
         if rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             save_checkpoint(ckpt_path, {
                 "config": asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": done, "history": history,
-                "train_seconds": elapsed + time.perf_counter() - began,
+                "bad_steps": bad_steps, "train_seconds": elapsed + time.perf_counter() - began,
             })  # fmt: skip
     train_seconds = elapsed + time.perf_counter() - began
     bar.close()
     if world > 1:
         dist.barrier()
-    metrics = {"steps": cfg.steps, "train_seconds": train_seconds, "world_size": world}
+    metrics = {"steps": cfg.steps, "skipped_steps": cfg.steps - len(history), "train_seconds": train_seconds,
+               "world_size": world}
     if evaluate_at_end and rank == 0:
         metrics.update(evaluate_run(model, cfg, out, history))
     if rank == 0:

@@ -313,12 +313,57 @@ def test_resume_drops_log_records_after_the_checkpoint(tmp_path, uninterrupted):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
-def test_non_finite_loss_policy(tmp_path, monkeypatch):
-    import maskformer_fast.losses as L
+def nan_on_calls(monkeypatch, owner, name, calls, poison):
+    """Wraps the method `owner.name`: its results on the given calls (counted from 1) go
+    through `poison`."""
+    real, count = getattr(owner, name), [0]
 
-    real = L.SetCriterion.total
-    monkeypatch.setattr(L.SetCriterion, "total", lambda self, losses: real(self, losses) * float("nan"))
-    with pytest.raises(FloatingPointError, match="not finite for 3 consecutive steps"):
+    def wrapped(*args, **kwargs):
+        out = real(*args, **kwargs)
+        count[0] += 1
+        return poison(out) if count[0] in calls else out
+
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+def nan_masks(out):
+    return dict(out, pred_masks=out["pred_masks"] * float("nan"))
+
+
+def nan_loss(loss):
+    return loss * float("nan")
+
+
+def test_non_finite_steps_are_skipped_and_training_continues(tmp_path, monkeypatch):
+    """NaN predictions (steps 3 and 4: the matcher is never asked) and a NaN loss (step 7)
+    skip their updates and are logged; fewer than --max-bad-steps in a row, the run goes on."""
+    from maskformer_fast.losses import SetCriterion
+
+    nan_on_calls(monkeypatch, MaskFormer, "forward", {3, 4}, nan_masks)
+    nan_on_calls(monkeypatch, SetCriterion, "total", {5}, nan_loss)  # steps 3, 4 never reach it
+    metrics = train(Config(**dict(TINY, max_bad_steps=3)), str(tmp_path), evaluate_at_end=False,
+                    progress=False)
+    assert metrics["skipped_steps"] == 3
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in log] == list(range(1, TINY["steps"] + 1))
+    skipped = {r["step"]: r["skipped"] for r in log if "skipped" in r}
+    bad = "non-finite predictions"
+    assert skipped == {3: bad, 4: bad, 7: "non-finite loss"}
+    assert all(np.isfinite(r["loss"]) for r in log if "skipped" not in r)
+    state = load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert state["step"] == TINY["steps"] and len(state["history"]) == TINY["steps"] - 3
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.parametrize("where", ["loss", "predictions"])
+def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, where):
+    from maskformer_fast.losses import SetCriterion
+
+    if where == "loss":
+        nan_on_calls(monkeypatch, SetCriterion, "total", range(1, 100), nan_loss)
+    else:
+        nan_on_calls(monkeypatch, MaskFormer, "forward", range(1, 100), nan_masks)
+    with pytest.raises(FloatingPointError, match=f"3 consecutive steps .*non-finite {where}"):
         train(Config(**dict(TINY, max_bad_steps=3)), str(tmp_path), progress=False)
 
 
@@ -335,7 +380,9 @@ def test_cli_eval(tmp_path):
 
 
 def test_two_process_torchrun(tmp_path):
-    """Two CPU processes (gloo): both complete and hold identical weights."""
+    """Two CPU processes (gloo): NaN predictions on rank 1 alone (its steps 3 and 4) skip
+    those steps on both ranks (no hang in the gradient all-reduce); both complete and hold
+    identical weights."""
     check = tmp_path / "check.py"
     check.write_text(
         "import sys, torch, torch.distributed as dist\n"
@@ -347,6 +394,13 @@ def test_two_process_torchrun(tmp_path):
         "def build(*a, **k):\n"
         "    out = real_build(*a, **k); model_holder['m'] = out[0]; return out\n"
         "T.build = build\n"
+        "real_forward, calls = T.MaskFormer.forward, [0]\n"
+        "def forward(self, images):\n"
+        "    out = real_forward(self, images); calls[0] += 1\n"
+        "    if dist.get_rank() == 1 and calls[0] in (3, 4):\n"
+        "        out = dict(out, pred_masks=out['pred_masks'] * float('nan'))\n"
+        "    return out\n"
+        "T.MaskFormer.forward = forward\n"
         "train(cfg, sys.argv[1], evaluate_at_end=False, progress=False)\n"
         "flat = torch.cat([p.detach().flatten() for p in model_holder['m'].parameters()])\n"
         "gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]\n"
@@ -369,3 +423,6 @@ def test_two_process_torchrun(tmp_path):
     for rank in (0, 1):
         assert (tmp_path / f"out.rank{rank}").read_text() == "agrees"
     assert (tmp_path / "out" / "checkpoint.pt").exists()
+    log = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
+    assert {r["step"]: r["skipped"] for r in log if "skipped" in r} == {
+        3: "non-finite predictions", 4: "non-finite predictions"}
