@@ -1,11 +1,14 @@
 """Property-based fuzzing of the public entry points against their references.
 
-CI runs a slice (the default profile). The long run, at least 100,000 solver cases:
+CI runs a slice (the default profile, 400 examples per test). The long run, at least 100,000
+solver cases, selects the solver's tests (named ``test_fuzz_solver_*``):
 
-    FUZZ_EXAMPLES=100000 .venv/bin/python -m pytest tests/test_fuzz.py -q -p no:randomly
+    FUZZ_EXAMPLES=100000 .venv/bin/python -m pytest tests/test_fuzz.py -k fuzz_solver -q -p no:randomly
 
-Each case is a whole batch of random problems (random shapes, dtypes, strides, NaN / inf
-patterns, ragged sizes), so FUZZ_EXAMPLES examples check several times as many problems.
+Each case of ``test_fuzz_solver_equals_scipy`` is a whole batch of up to 6 random problems
+(random shapes, dtypes, strides, NaN / inf patterns, ragged sizes), so FUZZ_EXAMPLES examples
+check several times as many problems. Without ``-k`` FUZZ_EXAMPLES applies to the kernels'
+and the matcher's tests too, which are much slower per example.
 """
 
 import os
@@ -76,7 +79,7 @@ def scipy_item(item: np.ndarray, maximize: bool):
 
 @FUZZ
 @given(batches())
-def test_fuzz_batch_equals_scipy(case):
+def test_fuzz_solver_equals_scipy(case):
     cost, sizes, maximize = case
     res = batch_linear_sum_assignment(cost, sizes, maximize=maximize, errors="status")
     B, N, M = cost.shape
@@ -94,7 +97,7 @@ def test_fuzz_batch_equals_scipy(case):
 
 @FUZZ
 @given(st.data())
-def test_fuzz_bad_input_is_a_clear_error(data):
+def test_fuzz_solver_bad_input_is_a_clear_error(data):
     """Wrong shapes, dtypes and sizes raise TypeError / ValueError, never crash."""
     kind = data.draw(st.sampled_from(["ndim", "sizes_range", "sizes_shape", "sizes_dtype", "dtype"]))
     B, N, M = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 5)), data.draw(st.integers(1, 5))
@@ -124,7 +127,7 @@ def test_fuzz_bad_input_is_a_clear_error(data):
 @FUZZ
 @given(st.integers(1, 30), st.integers(1, 30), st.sampled_from([1e-30, 1e-3, 1.0, 1e15, 1e30]),
        st.integers(0, 2**31 - 1))
-def test_fuzz_numerical_range(n, m, scale, seed):
+def test_fuzz_solver_numerical_range(n, m, scale, seed):
     """Costs spanning many magnitudes and both signs stay exact: float64 inside."""
     g = torch.Generator().manual_seed(seed)
     mags = torch.pow(10.0, torch.randint(-30, 31, (n, m), generator=g).double())
