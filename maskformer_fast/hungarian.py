@@ -179,7 +179,7 @@ def linear_sum_assignment(cost: ArrayLike, maximize: bool = False, *, backend: s
 def __getattr__(name: str):
     # The matchers live one layer up (they need the cost kernels); re-exported here so
     # that a trainer swaps its matcher with one import from this module.
-    if name in ("HungarianMatcher", "HFHungarianMatcher"):
+    if name in ("HungarianMatcher", "HFHungarianMatcher", "HFMaskFormerHungarianMatcher"):
         from maskformer_fast import matcher
 
         return getattr(matcher, name)
@@ -187,6 +187,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "BatchAssignment", "HFHungarianMatcher", "HungarianMatcher", "batch_linear_sum_assignment",
+    "BatchAssignment", "HFHungarianMatcher", "HFMaskFormerHungarianMatcher", "HungarianMatcher",
+    "batch_linear_sum_assignment",
     "linear_sum_assignment",
 ]  # fmt: skip
