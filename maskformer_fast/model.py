@@ -1,8 +1,8 @@
 """MaskFormer (Cheng et al. 2021), small: a backbone gives a low- and a high-resolution
 feature; learned queries attend to the low-resolution one through pre-norm transformer
 decoder blocks; each query's mask is the per-pixel dot product of its mask embedding with
-the high-resolution feature, and its class comes from a linear head (K classes + no-object,
-the last). Every decoder layer also gives an auxiliary output.
+the high-resolution feature, and its class comes from an MLP (K classes + no-object, the
+last). Every decoder layer also gives an auxiliary output.
 """
 
 from __future__ import annotations
@@ -49,6 +49,10 @@ class SmallUNet(nn.Module):
         d2 = self.dec2(torch.cat([self.up3(e3), e2], 1))
         d1 = self.dec1(torch.cat([self.up2(d2), e1], 1))
         return e3, d1
+
+
+def _mlp(cin: int, hidden: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(cin, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, cout))
 
 
 def sine_position(h: int, w: int, dim: int, device) -> torch.Tensor:
@@ -102,8 +106,8 @@ class MaskFormer(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(dim, heads) for _ in range(layers))
         self.memory_ln = nn.LayerNorm(dim)
         self.ln = nn.LayerNorm(dim)
-        self.class_head = nn.Linear(dim, num_classes + 1)
-        self.mask_embed = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
+        self.class_head = _mlp(dim, dim, num_classes + 1)
+        self.mask_embed = _mlp(dim, dim, dim)
 
     def forward(self, images: torch.Tensor) -> dict:
         low, high = self.backbone(images)
