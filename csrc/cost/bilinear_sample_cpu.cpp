@@ -24,13 +24,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <vector>
 
 namespace maskformer_fast {
 namespace {
@@ -45,38 +45,33 @@ struct Padded {
   int64_t offset(int64_t y, int64_t x) const { return (y + 1) * width() + x + 1; }
 };
 
-// A point: the offset of its corner (y0, x0) in the padded plane and its four weights, in the
-// order (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1).
-struct Point {
-  int32_t offset;
-  float weight[4];
-};
-
-Point point(float gx, float gy, const Padded& pad) {
+// A point's corner (y0, x0) in the padded plane (its offset) and the weights of its four
+// corners, in the order (y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1).
+void point(float gx, float gy, const Padded& pad, int32_t& offset, float* weight) {
   const float x = std::fma(gx + 1.f, float(pad.W) / 2, -0.5f);
   const float y = std::fma(gy + 1.f, float(pad.H) / 2, -0.5f);
   const float x0 = std::floor(x), y0 = std::floor(y);
   const float dx = x - x0, dy = y - y0;
-  Point p;
-  p.weight[0] = (1 - dy) * (1 - dx);
-  p.weight[1] = (1 - dy) * dx;
-  p.weight[2] = dy * (1 - dx);
-  p.weight[3] = dy * dx;
+  weight[0] = (1 - dy) * (1 - dx);
+  weight[1] = (1 - dy) * dx;
+  weight[2] = dy * (1 - dx);
+  weight[3] = dy * dx;
   // some corner inside the plane (false for NaN): x0 in [-1, W - 1], y0 in [-1, H - 1]
   const bool near = x0 >= -1 && x0 <= float(pad.W - 1) && y0 >= -1 && y0 <= float(pad.H - 1);
-  p.offset = int32_t(near ? pad.offset(int64_t(y0), int64_t(x0)) : pad.offset(pad.H, -1));
-  return p;
+  offset = int32_t(near ? pad.offset(int64_t(y0), int64_t(x0)) : pad.offset(pad.H, -1));
 }
 
-void sample_plane(const float* plane, const Padded& pad, const Point* points, int64_t P,
-                  float* padded, float* out) {
+// One plane at the P points: offsets [P] and weights [P, 4] from point(); `padded`: scratch
+// of pad.size() floats whose border is 0.
+void sample_plane(const float* plane, const Padded& pad, const int32_t* offsets,
+                  const float* weights, int64_t P, float* padded, float* out) {
   const int64_t w = pad.width();
   for (int64_t y = 0; y < pad.H; ++y) {
     std::memcpy(padded + pad.offset(y, 0), plane + y * pad.W, pad.W * sizeof(float));
   }
   for (int64_t i = 0; i < P; ++i) {
-    const float* v = padded + points[i].offset;
-    const float* k = points[i].weight;
+    const float* v = padded + offsets[i];
+    const float* k = weights + 4 * i;
     out[i] = std::fma(v[w + 1], k[3], std::fma(v[w], k[2], std::fma(v[1], k[1], v[0] * k[0])));
   }
 }
@@ -98,17 +93,24 @@ Tensor bilinear_sample_cpu(const Tensor& planes, const Tensor& grid) {
   if (out.numel() == 0) return out;
   const Tensor v = planes.contiguous(), g = grid.contiguous();
   const float* gp = g.const_data_ptr<float>();
-  std::vector<Point> points(B * P);
+  // every point's offset and weights
+  Tensor offsets = at::empty({B, P}, planes.options().dtype(at::kInt));
+  Tensor weights = at::empty({B, P, 4}, planes.options());
+  int32_t* offset = offsets.data_ptr<int32_t>();
+  float* weight = weights.data_ptr<float>();
   at::parallel_for(0, B * P, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) points[i] = point(gp[2 * i], gp[2 * i + 1], pad);
+    for (int64_t i = begin; i < end; ++i) {
+      point(gp[2 * i], gp[2 * i + 1], pad, offset[i], weight + 4 * i);
+    }
   });
   const float* vp = v.const_data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, B * N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> padded(pad.size(), 0.f);  // the border stays 0
+    Tensor padded = at::zeros({pad.size()}, planes.options());  // per thread; the border stays 0
     for (int64_t plane = begin; plane < end; ++plane) {
-      sample_plane(vp + plane * H * W, pad, points.data() + plane / N * P, P, padded.data(),
-                   op + plane * P);
+      const int64_t b = plane / N;
+      sample_plane(vp + plane * H * W, pad, offset + b * P, weight + 4 * b * P, P,
+                   padded.data_ptr<float>(), op + plane * P);
     }
   });
   return out;

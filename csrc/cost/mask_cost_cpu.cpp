@@ -25,6 +25,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -221,9 +222,10 @@ std::tuple<Tensor, Tensor> mask_cost_sums_cpu(const Tensor& logits, const Tensor
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, B * groups, 1, [&](int64_t begin, int64_t end) {
       const int64_t width = std::min(chunk, P);
-      std::vector<float> buf(2 * Q * width);  // [2Q, width], rows: neg - pos, then p
-      float* bp = buf.data();
-      std::vector<float> row(std::is_same_v<scalar_t, float> ? 0 : width);  // logits as float32
+      // per thread: the terms [2Q, width] (rows: neg - pos, then p), a row of logits as float32
+      Tensor buf = at::empty({2 * Q * width + (std::is_same_v<scalar_t, float> ? 0 : width)}, f32);
+      float* bp = buf.data_ptr<float>();
+      float* row = bp + 2 * Q * width;
       for (int64_t run = begin; run < end; ++run) {
         const int64_t b = run / groups, g = run % groups;
         float* neg_sum = ps + run * 2 * Q;
@@ -233,7 +235,7 @@ std::tuple<Tensor, Tensor> mask_cost_sums_cpu(const Tensor& logits, const Tensor
           for (int64_t q = 0; q < Q; ++q) {
             const scalar_t* xq = xp + b * x.stride(0) + q * x.stride(1) + start;
             const auto terms = loss.focal ? row_terms<true> : row_terms<false>;
-            terms(as_float(xq, c, row.data()), c, loss, bp + q * width, bp + (Q + q) * width,
+            terms(as_float(xq, c, row), c, loss, bp + q * width, bp + (Q + q) * width,
                   neg_sum[q], p_sum[q]);
           }
           // part_dots[b, g, :, :n] += buf[:, :c] . y[b, :n, start : start + c]^T
