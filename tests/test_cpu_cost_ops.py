@@ -89,6 +89,22 @@ def test_mask_cost_sums_other_alpha_gamma():
         check_sums(x, y, None, "focal", alpha, gamma)
 
 
+def test_mask_cost_sums_do_not_depend_on_the_thread_count():
+    """Runs of chunks are added in a fixed order: 1, 2 or 3 threads give the same bits."""
+    g = torch.Generator().manual_seed(11)
+    x, y = torch.randn(3, 10, 700, generator=g) * 5, torch.rand(3, 6, 700, generator=g)
+    saved = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(ops.mask_cost_sums(x, y, None, "focal", 0.25, 2.0, 32))
+    finally:
+        torch.set_num_threads(saved)
+    for dots, sums in results[1:]:
+        assert torch.equal(dots, results[0][0]) and torch.equal(sums, results[0][1])
+
+
 def test_mask_cost_sums_errors():
     x, y = torch.randn(2, 3, 10), torch.rand(2, 4, 10)
     with pytest.raises(RuntimeError, match=r"logits \[B, Q, P\] and targets \[B, T, P\]"):

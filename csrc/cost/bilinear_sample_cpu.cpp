@@ -105,12 +105,14 @@ Tensor bilinear_sample_cpu(const Tensor& planes, const Tensor& grid) {
   });
   const float* vp = v.const_data_ptr<float>();
   float* op = out.data_ptr<float>();
+  // a padded plane per thread, whose border stays 0
+  Tensor padded = at::zeros({at::get_num_threads(), pad.size()}, planes.options());
   at::parallel_for(0, B * N, 1, [&](int64_t begin, int64_t end) {
-    Tensor padded = at::zeros({pad.size()}, planes.options());  // per thread; the border stays 0
+    float* scratch = padded.data_ptr<float>() + at::get_thread_num() * pad.size();
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t b = plane / N;
-      sample_plane(vp + plane * H * W, pad, offset + b * P, weight + 4 * b * P, P,
-                   padded.data_ptr<float>(), op + plane * P);
+      sample_plane(vp + plane * H * W, pad, offset + b * P, weight + 4 * b * P, P, scratch,
+                   op + plane * P);
     }
   });
   return out;

@@ -220,11 +220,12 @@ std::tuple<Tensor, Tensor> mask_cost_sums_cpu(const Tensor& logits, const Tensor
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mask_cost_sums", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    // per thread: the terms [2Q, width] (rows: neg - pos, then p), a row of logits as float32
+    const int64_t width = std::min(chunk, P);
+    const int64_t scratch = 2 * Q * width + (std::is_same_v<scalar_t, float> ? 0 : width);
+    Tensor buffers = at::empty({at::get_num_threads(), scratch}, f32);
     at::parallel_for(0, B * groups, 1, [&](int64_t begin, int64_t end) {
-      const int64_t width = std::min(chunk, P);
-      // per thread: the terms [2Q, width] (rows: neg - pos, then p), a row of logits as float32
-      Tensor buf = at::empty({2 * Q * width + (std::is_same_v<scalar_t, float> ? 0 : width)}, f32);
-      float* bp = buf.data_ptr<float>();
+      float* bp = buffers.data_ptr<float>() + at::get_thread_num() * scratch;
       float* row = bp + 2 * Q * width;
       for (int64_t run = begin; run < end; ++run) {
         const int64_t b = run / groups, g = run % groups;
