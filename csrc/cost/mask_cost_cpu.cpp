@@ -58,8 +58,9 @@ inline float lane_sum(const Vec& v) {
 }
 
 // e^t for t <= 0 (NaN stays NaN): t = n ln2 + r with n an integer and |r| <= ln2 / 2 (ln2 in
-// two parts, so that r is exact), e^t = 2^n e^r, e^r by its Taylor series to r^7 (relative
-// error < 1e-8). Below ln(FLT_MIN), 0: no subnormals.
+// two parts, so that r is exact), e^t = 2^n e^r, e^r by its Taylor series to r^7 (truncated
+// there: relative error < 1e-8, then a few ulp of rounding). Below ln(FLT_MIN), 0: no
+// subnormals.
 inline Vec exp_nonpositive(const Vec& t) {
   constexpr float kMin = -87.3f;  // e^kMin ~ FLT_MIN = 2^-126
   const Vec u = at::vec::maximum(t, Vec(kMin));
@@ -76,7 +77,8 @@ inline Vec exp_nonpositive(const Vec& t) {
 }
 
 // log(1 + e) for e in [0, 1]: 2 atanh(s) with s = e / (2 + e) in [0, 1/3], by its series
-// 2 s (1 + s^2/3 + s^4/5 + ... + s^12/13) (relative error < 2e-8: the next term is s^14/15).
+// 2 s (1 + s^2/3 + s^4/5 + ... + s^12/13) (truncated there: relative error < 2e-8, the next
+// term being s^14/15 <= 9^-7 / 15).
 inline Vec log1p_unit(const Vec& e) {
   const Vec s = e / (Vec(2.f) + e);
   const Vec s2 = s * s;
@@ -220,13 +222,14 @@ std::tuple<Tensor, Tensor> mask_cost_sums_cpu(const Tensor& logits, const Tensor
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mask_cost_sums", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const auto row_terms_of = loss.focal ? row_terms<true> : row_terms<false>;
     // per thread: the terms [2Q, width] (rows: neg - pos, then p), a row of logits as float32
     const int64_t width = std::min(chunk, P);
     const int64_t scratch = 2 * Q * width + (std::is_same_v<scalar_t, float> ? 0 : width);
     Tensor buffers = at::empty({at::get_num_threads(), scratch}, f32);
     at::parallel_for(0, B * groups, 1, [&](int64_t begin, int64_t end) {
-      float* bp = buffers.data_ptr<float>() + at::get_thread_num() * scratch;
-      float* row = bp + 2 * Q * width;
+      float* terms = buffers.data_ptr<float>() + at::get_thread_num() * scratch;
+      float* row = terms + 2 * Q * width;
       for (int64_t run = begin; run < end; ++run) {
         const int64_t b = run / groups, g = run % groups;
         float* neg_sum = ps + run * 2 * Q;
@@ -235,12 +238,11 @@ std::tuple<Tensor, Tensor> mask_cost_sums_cpu(const Tensor& logits, const Tensor
           const int64_t start = k * chunk, c = std::min(chunk, P - start);
           for (int64_t q = 0; q < Q; ++q) {
             const scalar_t* xq = xp + b * x.stride(0) + q * x.stride(1) + start;
-            const auto terms = loss.focal ? row_terms<true> : row_terms<false>;
-            terms(as_float(xq, c, row), c, loss, bp + q * width, bp + (Q + q) * width,
-                  neg_sum[q], p_sum[q]);
+            row_terms_of(as_float(xq, c, row), c, loss, terms + q * width,
+                         terms + (Q + q) * width, neg_sum[q], p_sum[q]);
           }
-          // part_dots[b, g, :, :n] += buf[:, :c] . y[b, :n, start : start + c]^T
-          add_dots(bp, width, 2 * Q, yp + b * y.stride(0) + start, y.stride(1), n[b], c,
+          // part_dots[b, g, :, :n] += terms[:, :c] . y[b, :n, start : start + c]^T
+          add_dots(terms, width, 2 * Q, yp + b * y.stride(0) + start, y.stride(1), n[b], c,
                    pd + run * 2 * Q * T, T);
         }
       }

@@ -14,8 +14,9 @@ With x a mask logit, p = sigmoid(x), y a target in [0, 1] and P pixels:
 So an image's cost needs, per query and target, two dot products over the pixels (diff . y,
 p . y) and, per query, two sums (sum neg, sum p). On CPU tensors the compiled kernel
 ``maskformer_fast::mask_cost_sums`` (csrc/cost/mask_cost_cpu.cpp) computes them: every
-activation once per logit in one vectorised pass per chunk, one GEMM per chunk, images in
-parallel. Without it (extension not built, or CUDA tensors) the torch ops below do the same.
+activation once per logit in one vectorised pass per chunk, then the chunk's dot products,
+images in parallel. Without it (extension not built, or CUDA tensors) the torch ops below do
+the same.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ CHUNK_ELEMENTS = 1 << 16  # logits per chunk: its handful of fp32 temporaries st
 
 
 def _use_cpu_kernel(x: torch.Tensor) -> bool:
-    """Whether the logits ``x`` go through the compiled CPU kernel (csrc/cost/mask_cost_cpu.cpp:
-    every term in one vectorised pass, one GEMM per chunk) rather than the torch ops below."""
+    """Whether the logits ``x`` go through the compiled CPU kernel (mask_cost_sums) rather than
+    the torch ops below."""
     return x.device.type == "cpu" and _ops.has_cpu_op("mask_cost_sums")
 
 
