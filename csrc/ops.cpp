@@ -1,5 +1,6 @@
 // Every op of maskformer_fast._C is declared here; kernels register themselves
-// with TORCH_LIBRARY_IMPL beside their sources (csrc/lsa/lsa_cpu.cpp, lsa_cuda.cu).
+// with TORCH_LIBRARY_IMPL beside their sources (csrc/lsa/lsa_cpu.cpp, lsa_cuda.cu,
+// csrc/cost/*_cpu.cpp).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -24,4 +25,16 @@ TORCH_LIBRARY(maskformer_fast, m) {
   m.def(
       "lsa_duals(Tensor cost, Tensor? sizes, bool maximize, int lanes) -> "
       "(Tensor col4row, Tensor status, Tensor u, Tensor v)");
+  // The pixel sums of the matching cost (CPU; maskformer_fast/kernels/reference.py): logits
+  // [B, Q, P] (float), targets [B, T, P] in [0, 1], counts [B] or None (targets beyond an
+  // image's count are not read). mask_cost "bce" or "focal" (alpha, gamma). With neg and pos
+  // the loss terms of targets 0 and 1 and p = sigmoid: dots [B, 2, Q, T] = ((neg - pos) . y,
+  // p . y) and sums [B, 2, Q] = (sum neg, sum p), float32. `chunk`: pixels per cached chunk.
+  m.def(
+      "mask_cost_sums(Tensor logits, Tensor targets, Tensor? counts, str mask_cost, float alpha, "
+      "float gamma, int chunk) -> (Tensor dots, Tensor sums)");
+  // planes [B, N, H, W] sampled bilinearly at grid [B, P, 2] (x, y in [-1, 1]) -> [B, N, P]
+  // (float32): F.grid_sample(align_corners=False, padding zeros), every plane of an image at
+  // that image's points.
+  m.def("bilinear_sample(Tensor planes, Tensor grid) -> Tensor");
 }

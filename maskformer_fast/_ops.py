@@ -45,6 +45,27 @@ if _LOAD_ERROR is None:
             cost.new_empty((batch, cols), dtype=torch.float64),
         )
 
+    # The CPU cost kernels (csrc/cost/); a build older than them has neither.
+    if hasattr(torch.ops.maskformer_fast, "mask_cost_sums"):
+
+        @torch.library.register_fake("maskformer_fast::mask_cost_sums")
+        def _mask_cost_sums_fake(logits, targets, counts, mask_cost, alpha, gamma, chunk):
+            B, Q, T = logits.shape[0], logits.shape[1], targets.shape[1]
+            return logits.new_empty((B, 2, Q, T), dtype=torch.float32), logits.new_empty(
+                (B, 2, Q), dtype=torch.float32
+            )
+
+        @torch.library.register_fake("maskformer_fast::bilinear_sample")
+        def _bilinear_sample_fake(planes, grid):
+            return planes.new_empty((planes.shape[0], planes.shape[1], grid.shape[1]))
+
+
+@functools.cache
+def has_cpu_op(name: str) -> bool:
+    """Whether the built extension has the CPU kernel of op `name` (e.g. "mask_cost_sums")."""
+    return _LOAD_ERROR is None and hasattr(torch.ops.maskformer_fast, name) and \
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"maskformer_fast::{name}", "CPU")
+
 
 @functools.cache
 def has_kernel(device_type: str) -> bool:

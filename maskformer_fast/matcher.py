@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maskformer_fast import _ops
 from maskformer_fast.hungarian import batch_linear_sum_assignment
 from maskformer_fast.kernels import pairwise_mask_cost
 
@@ -33,8 +34,15 @@ NONFINITE_POLICIES = ("raise", "forbid")
 def point_sample(masks: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Bilinear samples of ``masks [B, N, H, W]`` at ``coords [B, P, 2]`` in [0, 1]^2 (x, y),
     as Mask2Former's ``point_sample``: ``grid_sample(masks, 2 * coords - 1)``. -> ``[B, N, P]``."""
-    grid = (2.0 * coords - 1.0).unsqueeze(1).to(masks.dtype)  # [B, 1, P, 2]
+    grid = (2.0 * coords - 1.0).to(masks.dtype)  # [B, P, 2]
     N = masks.shape[1]
+    differentiable = torch.is_grad_enabled() and (masks.requires_grad or coords.requires_grad)
+    if masks.device.type == "cpu" and masks.dtype == torch.float32 and not differentiable \
+            and _ops.has_cpu_op("bilinear_sample"):
+        # the compiled kernel (csrc/cost/bilinear_sample_cpu.cpp, no gradient): grid_sample's
+        # values, bit for bit, each point's corners and weights computed once for all N planes
+        return torch.ops.maskformer_fast.bilinear_sample(masks, grid)
+    grid = grid.unsqueeze(1)  # [B, 1, P, 2]
     if N > 1 and masks.device.type == "cpu" and len(masks):
         # grid_sample interpolates point by point, all N planes of an image for each point: on
         # the CPU that walks N * H * W floats per point and misses the cache. One plane per

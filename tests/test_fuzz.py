@@ -27,6 +27,8 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 40
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 # The Triton kernels through the interpreter (tests run it when there is no GPU): slower per case.
 TRITON_FUZZ = settings(FUZZ, max_examples=max(100, EXAMPLES // 4))
+# The cost references' torch ops without their compiled CPU kernel: a second path, sampled less.
+TORCH_OPS_FUZZ = settings(FUZZ, max_examples=max(100, EXAMPLES // 4))
 
 DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
           torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -220,6 +222,18 @@ def chunk_elements(n):
         kernel_reference.CHUNK_ELEMENTS = saved
 
 
+@contextlib.contextmanager
+def without_cpu_kernel():
+    """The references' torch ops, as CUDA tensors and builds without the compiled CPU kernel
+    (mask_cost_sums) run them."""
+    saved = kernel_reference._use_cpu_kernel
+    kernel_reference._use_cpu_kernel = lambda x: False
+    try:
+        yield
+    finally:
+        kernel_reference._use_cpu_kernel = saved
+
+
 def cost_args(draw, g, B, Q, T, rate):
     """counts (None or [B], garbage in the padding), class logits and labels (or None), weights."""
     counts = None
@@ -302,6 +316,14 @@ def test_fuzz_pairwise_mask_cost_equals_formulas(case, chunk):
     check_pairwise(case, chunk, "torch")
 
 
+@TORCH_OPS_FUZZ
+@given(pairwise_cases(), st.sampled_from([1, 13, 1 << 20]))
+def test_fuzz_pairwise_mask_cost_torch_ops_equal_formulas(case, chunk):
+    """The same cases through the references' torch ops (no compiled CPU kernel)."""
+    with without_cpu_kernel():
+        check_pairwise(case, chunk, "torch")
+
+
 @TRITON_FUZZ
 @given(pairwise_cases())
 def test_fuzz_pairwise_mask_cost_triton_interpreter(case):
@@ -345,6 +367,14 @@ def check_embeddings(case, chunk, backend):
 def test_fuzz_cost_from_embeddings_equals_formulas(case, chunk):
     """The cost of einsum(embed, feat) without the logits: the formulas on the float64 einsum."""
     check_embeddings(case, chunk, "torch")
+
+
+@TORCH_OPS_FUZZ
+@given(embedding_cases(), st.sampled_from([1, 13, 1 << 20]))
+def test_fuzz_cost_from_embeddings_torch_ops_equal_formulas(case, chunk):
+    """The same cases through the references' torch ops (no compiled CPU kernel)."""
+    with without_cpu_kernel():
+        check_embeddings(case, chunk, "torch")
 
 
 @TRITON_FUZZ

@@ -1,7 +1,8 @@
 """maskformer_fast.kernels against a direct float64 evaluation of the published formulas,
-image by image and pair by pair: the torch references (the CPU path), the Triton kernels
-through Triton's interpreter on the CPU (conftest.py sets TRITON_INTERPRET=1 when there is no
-GPU), and the Triton kernels on a GPU (marked cuda; skipped without one).
+image by image and pair by pair: the torch references (the CPU path: with the compiled CPU
+kernel, and without it, "torch-ops"), the Triton kernels through Triton's interpreter on the
+CPU (conftest.py sets TRITON_INTERPRET=1 when there is no GPU), and the Triton kernels on a
+GPU (marked cuda; skipped without one).
 
 Tolerances: the cost kernels compute in fp32 (their GPU dots use tf32x3, about fp32 accuracy),
 so 1e-5 on costs of order 1. The einsum on a GPU uses TF32 for fp32 inputs (as torch does when
@@ -21,10 +22,19 @@ from maskformer_fast.kernels import reference
 cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 IMPLS = [
     pytest.param("torch", "cpu", id="torch"),
+    pytest.param("torch", "cpu", id="torch-ops", marks=pytest.mark.torch_ops),
     pytest.param("triton", "cpu", id="triton-interpreter"),
     pytest.param("triton", "cuda", id="triton-cuda", marks=cuda),
 ]
 COST_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def _torch_ops_only(request, monkeypatch):
+    """"torch-ops": the torch reference without its compiled CPU kernel (mask_cost_sums), i.e.
+    the torch ops that CUDA tensors and builds without the kernel run."""
+    if request.node.get_closest_marker("torch_ops"):
+        monkeypatch.setattr(reference, "_use_cpu_kernel", lambda x: False)
 
 
 def direct_cost(x, y, counts, logits, labels, w_class, w_mask, w_dice, mask_cost):

@@ -10,13 +10,34 @@ With x a mask logit, p = sigmoid(x), y a target in [0, 1] and P pixels:
   pos = alpha (1-p)^gamma BCE(x, 1), neg = (1-alpha) p^gamma BCE(x, 0), i.e.
   (sum neg - (neg - pos) . y) / P.
 - dice cost: 1 - (2 p . y + 1) / (sum p + sum y + 1).
+
+So an image's cost needs, per query and target, two dot products over the pixels (diff . y,
+p . y) and, per query, two sums (sum neg, sum p). On CPU tensors the compiled kernel
+``maskformer_fast::mask_cost_sums`` (csrc/cost/mask_cost_cpu.cpp) computes them: every
+activation once per logit in one vectorised pass per chunk, then the chunk's dot products,
+images in parallel. Without it (extension not built, or CUDA tensors) the torch ops below do
+the same.
 """
 
 from __future__ import annotations
 
 import torch
 
+from maskformer_fast import _ops
+
 CHUNK_ELEMENTS = 1 << 16  # logits per chunk: its handful of fp32 temporaries stay in L2
+
+
+def _use_cpu_kernel(x: torch.Tensor) -> bool:
+    """Whether the logits ``x`` go through the compiled CPU kernel (mask_cost_sums) rather than
+    the torch ops below."""
+    return x.device.type == "cpu" and _ops.has_cpu_op("mask_cost_sums")
+
+
+def _chunk_width(Q: int) -> int:
+    """Pixels per chunk of an image with Q queries: whole vectors of 16 floats when it can."""
+    width = max(1, CHUNK_ELEMENTS // max(Q, 1))
+    return width - width % 16 if width >= 16 else width
 
 
 def _mask_terms(x: torch.Tensor, mask_cost: str, alpha: float, gamma: float, buf: list):
@@ -39,32 +60,51 @@ def _mask_terms(x: torch.Tensor, mask_cost: str, alpha: float, gamma: float, buf
     return torch.addcmul(neg, q.pow_(gamma), pos, value=-alpha, out=buf[2]), neg, p
 
 
-def _image_cost(logit_chunks, y, Q, P, mask_cost, alpha, gamma):
-    """Mask and dice cost ``[Q, n]`` of one image: ``logit_chunks`` yields ``(start, x [Q, c])``,
-    the logits of pixels ``start : start + c``; y ``[n, P]`` its targets (no padding)."""
-    y = y.float()
-    dy, py = y.new_zeros(Q, len(y)), y.new_zeros(Q, len(y))  # diff . y, p . y
-    neg_sum, psum = y.new_zeros(Q), y.new_zeros(Q)  # sum neg, sum p
+def _image_sums(logit_chunks, y, Q, mask_cost, alpha, gamma):
+    """The pixel sums of one image's cost: ``dots [2, Q, n]`` = (diff . y, p . y) and
+    ``sums [2, Q]`` = (sum neg, sum p). ``logit_chunks`` yields ``(start, x [Q, c])``, the
+    logits of pixels ``start : start + c``; y ``[n, P]`` float32, its targets (no padding)."""
+    dots, sums = y.new_zeros(2, Q, len(y)), y.new_zeros(2, Q)
+    scratch = buf = None
     for start, x in logit_chunks:
         c = x.shape[-1]
-        if start == 0:  # the first chunk is the longest
+        yc = y[:, start : start + c]
+        if _use_cpu_kernel(x):
+            d, s = torch.ops.maskformer_fast.mask_cost_sums(x[None], yc[None], None, mask_cost, alpha, gamma, c)
+            dots += d[0]
+            sums += s[0]
+            continue
+        if scratch is None:  # the first chunk is the longest
             buf = scratch = y.new_empty(5, Q, c).unbind(0)
         elif c != buf[0].shape[-1]:
             buf = [t[:, :c] for t in scratch]
         diff, neg, p = _mask_terms(x.float(), mask_cost, alpha, gamma, buf)
-        yt = y[:, start : start + c].T
-        dy.addmm_(diff, yt)  # two products: cheaper here than one of the two stacked
-        py.addmm_(p, yt)
-        neg_sum += neg.sum(-1)
-        psum += p.sum(-1)
-    mask = (neg_sum[:, None] - dy) / max(P, 1)
-    dice = 1 - (2 * py + 1) / (psum[:, None] + y.sum(-1) + 1)
+        dots[0].addmm_(diff, yc.T)  # two products: cheaper here than one of the two stacked
+        dots[1].addmm_(p, yc.T)
+        sums[0] += neg.sum(-1)
+        sums[1] += p.sum(-1)
+    return dots, sums
+
+
+def _mask_dice(dots, sums, y_sum, P):
+    """Mask and dice cost ``[..., Q, n]`` from an image's pixel sums (``_image_sums``) and its
+    targets' sums ``y_sum [..., n]``."""
+    mask = (sums[..., 0, :, None] - dots[..., 0, :, :]) / max(P, 1)
+    dice = 1 - (2 * dots[..., 1, :, :] + 1) / (sums[..., 1, :, None] + y_sum[..., None, :] + 1)
     return mask, dice
+
+
+def _image_cost(logit_chunks, y, Q, P, mask_cost, alpha, gamma):
+    """Mask and dice cost ``[Q, n]`` of one image: ``logit_chunks`` yields ``(start, x [Q, c])``,
+    the logits of pixels ``start : start + c``; y ``[n, P]`` its targets (no padding)."""
+    y = y.float()
+    dots, sums = _image_sums(logit_chunks, y, Q, mask_cost, alpha, gamma)
+    return _mask_dice(dots, sums, y.sum(-1), P)
 
 
 def _chunks(x: torch.Tensor):
     """``(start, x[:, start : start + step])`` over the pixels of one image's logits ``[Q, P]``."""
-    step = max(1, CHUNK_ELEMENTS // max(x.shape[0], 1))
+    step = _chunk_width(x.shape[0])
     return ((start, x[:, start : start + step]) for start in range(0, x.shape[-1], step))
 
 
@@ -96,9 +136,18 @@ def pairwise_mask_cost_torch(mask_logits, tgt_masks, tgt_counts=None, class_logi
     """``[B, Q, P]`` logits against ``[B, T, P]`` targets -> float32 ``[B, Q, T]``."""
     B, Q, P = mask_logits.shape
     T = tgt_masks.shape[1]
+    if _use_cpu_kernel(mask_logits):  # the whole batch in one call, images in parallel
+        counts = tgt_counts.cpu() if tgt_counts is not None else None
+        dots, sums = torch.ops.maskformer_fast.mask_cost_sums(mask_logits, tgt_masks, counts, mask_cost, alpha,
+                                                              gamma, _chunk_width(Q))
 
-    def image_cost(b, n):
-        return _image_cost(_chunks(mask_logits[b]), tgt_masks[b, :n], Q, P, mask_cost, alpha, gamma)
+        def image_cost(b, n):
+            y_sum = tgt_masks[b, :n].float().sum(-1)
+            return _mask_dice(dots[b, :, :, :n], sums[b], y_sum, P)
+    else:
+
+        def image_cost(b, n):
+            return _image_cost(_chunks(mask_logits[b]), tgt_masks[b, :n], Q, P, mask_cost, alpha, gamma)
 
     return _cost(image_cost, B, Q, T, P, mask_logits.device, class_logits, tgt_labels, tgt_counts,
                  w_class, w_mask, w_dice)
@@ -117,7 +166,7 @@ def mask_cost_from_embeddings_torch(mask_embed, pixel_feat, tgt_masks, tgt_count
     embed = mask_embed.float()
 
     def image_cost(b, n):
-        step = max(1, CHUNK_ELEMENTS // max(Q, 1))
+        step = _chunk_width(Q)
         chunks = ((s, embed[b] @ feat[b, :, s : s + step].float()) for s in range(0, P, step))
         return _image_cost(chunks, y[b, :n], Q, P, mask_cost, alpha, gamma)
 
