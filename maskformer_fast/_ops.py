@@ -61,19 +61,13 @@ if _LOAD_ERROR is None:
 
 
 @functools.cache
-def has_cpu_op(name: str) -> bool:
-    """Whether the built extension has the CPU kernel of op `name` (e.g. "mask_cost_sums")."""
-    return _LOAD_ERROR is None and hasattr(torch.ops.maskformer_fast, name) and \
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"maskformer_fast::{name}", "CPU")
-
-
-@functools.cache
-def has_kernel(device_type: str) -> bool:
-    """Whether the built extension has a kernel of the lsa op for `device_type`."""
-    if _LOAD_ERROR is not None:
+def has_kernel(device_type: str, op: str = "lsa") -> bool:
+    """Whether the built extension has a kernel of op `op` (e.g. "lsa", "mask_cost_sums")
+    for `device_type` ("cpu" or "cuda"); False for an op an older build lacks."""
+    if _LOAD_ERROR is not None or not hasattr(torch.ops.maskformer_fast, op):
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    return torch._C._dispatch_has_kernel_for_dispatch_key("maskformer_fast::lsa", key)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"maskformer_fast::{op}", key)
 
 
 _warned_fallback = False

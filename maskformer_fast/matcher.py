@@ -38,7 +38,7 @@ def point_sample(masks: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     N = masks.shape[1]
     differentiable = torch.is_grad_enabled() and (masks.requires_grad or coords.requires_grad)
     if masks.device.type == "cpu" and masks.dtype == torch.float32 and not differentiable \
-            and _ops.has_cpu_op("bilinear_sample"):
+            and _ops.has_kernel("cpu", "bilinear_sample"):
         # the compiled kernel (csrc/cost/bilinear_sample_cpu.cpp, no gradient): grid_sample's
         # values, bit for bit, each point's corners and weights computed once for all N planes
         return torch.ops.maskformer_fast.bilinear_sample(masks, grid)

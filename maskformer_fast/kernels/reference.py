@@ -31,7 +31,7 @@ CHUNK_ELEMENTS = 1 << 16  # logits per chunk: its handful of fp32 temporaries st
 def _use_cpu_kernel(x: torch.Tensor) -> bool:
     """Whether the logits ``x`` go through the compiled CPU kernel (mask_cost_sums) rather than
     the torch ops below."""
-    return x.device.type == "cpu" and _ops.has_cpu_op("mask_cost_sums")
+    return x.device.type == "cpu" and _ops.has_kernel("cpu", "mask_cost_sums")
 
 
 def _chunk_width(Q: int) -> int:
