@@ -88,7 +88,8 @@ LSA_HD int32_t scan_position(int32_t rank, int32_t m) {
 }
 
 // Per-problem state: u[n], col4row[n]; v[m], spc[m], sval[m], path[m], row4col[m], at[m],
-// rank[m].
+// rank[m]. (The CPU's sequential team also needs room for m rounded up to 8 in v, spc,
+// path and rank: it reads and writes them eight columns at a time.)
 struct Workspace {
   double* u;
   double* v;
@@ -106,7 +107,9 @@ struct Workspace {
 // The relaxation of one Dijkstra step: the edges of row i, on top of the path cost
 // min_val to row i. relax(j) updates column j: its path cost becomes the reduced cost
 // ((min_val + c[i][j]) - u[i]) - v[j] where that is lower (a scanned column, NaN,
-// compares false and stays), and its path entry i with it; the first step of a
+// compares false and stays; the column the step before scanned is made NaN here, by
+// the lane that relaxes it, rather than by a store between the steps that the next
+// step's loads would wait for), and its path entry i with it; the first step of a
 // Dijkstra (min_val 0) sets every column outright (scipy's reset to +inf followed by a
 // relaxation that wins wherever the edge is finite; a column left at +inf keeps a stale
 // path entry, which is never read: it cannot be picked while feasible). The fields are
@@ -117,6 +120,7 @@ struct Relax {
   Workspace w;
   double min_val, ui;  // ui = u[i]
   int32_t i;
+  int32_t scanned;  // the column the step before scanned, -1 for none: its path cost becomes NaN
   bool first;
 
   LSA_HD void operator()(int32_t j) const {
@@ -126,7 +130,7 @@ struct Relax {
       w.path[j] = i;
       return;
     }
-    const double s = w.spc[j];
+    const double s = j == scanned ? kNaN : w.spc[j];
     const bool better = r < s;
     w.spc[j] = select(better, r, s);
     w.path[j] = select(better, i, w.path[j]);
@@ -164,9 +168,9 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
   for (int32_t cur = 0; cur < n; ++cur) {
     // Dijkstra from row `cur` over the columns, until it reaches a free column.
     double min_val = 0.0;
-    int32_t i = cur, nrem = m, sink = -1;
+    int32_t i = cur, nrem = m, sink = -1, scanned = -1;
     for (bool first = true; sink < 0; first = false) {
-      const Relax<Cost> relax{cost, w, min_val, w.u[i], i, first};
+      const Relax<Cost> relax{cost, w, min_val, w.u[i], i, scanned, first};
       const Key best = team.argmin(m, relax, w.spc, w.rank);
       min_val = best.value;
       if (min_val == kInf) return kInfeasible;
@@ -183,8 +187,8 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
         w.rank[last] = tie_rank(p, w.row4col[last] < 0, m);
         w.at[nrem - 1] = j;
         w.sval[nrem - 1] = min_val;
-        w.spc[j] = kNaN;
       }
+      scanned = j;
       --nrem;
       team.sync();
     }

@@ -46,6 +46,12 @@ class SequentialTeam {
 
   template <class Relax>
   LSA_HOT Key argmin(int32_t n, const Relax& relax, const double* val, const int32_t* rank) const {
+#if defined(__AVX512F__)
+    if constexpr (requires { relax.cost.row(relax.i); }) {
+      return relax.first ? argmin_rows<true>(n, relax, val, rank)
+                         : argmin_rows<false>(n, relax, val, rank);
+    }
+#endif
 #if defined(__AVX__)
     if (n >= 8) return argmin_blocks(n, relax, val, rank);
 #endif
@@ -77,41 +83,6 @@ class SequentialTeam {
                             const int32_t* rank) const {
     const double lowest = relax_blocks(n, relax, val);
     if (lowest == kInf) return Key::none();
-#if defined(__AVX512F__)
-    // Each column as a 64-bit key, rank above column: the least key is the winner. The
-    // blocks go in groups of four: a group with no column at the lowest value costs
-    // four compares, the others a masked minimum per block and no branch per column.
-    using Keys = int64_t __attribute__((vector_size(64)));
-    using Ranks = int32_t __attribute__((vector_size(32)));
-    const __m512d target = _mm512_set1_pd(lowest);
-    const auto equal = [&](int32_t b) {
-      return _mm512_cmp_pd_mask(_mm512_loadu_pd(val + b), target, _CMP_EQ_OQ);
-    };
-    Keys least = Keys{} + INT64_MAX;
-    const auto take = [&](int32_t b, __mmask8 mask) {
-      Ranks r;
-      std::memcpy(&r, rank + b, sizeof r);
-      const Keys key = __builtin_convertvector(r, Keys) << 32 | (Keys{0, 1, 2, 3, 4, 5, 6, 7} + b);
-      least = Keys(_mm512_mask_min_epi64(__m512i(least), mask, __m512i(least), __m512i(key)));
-    };
-    // (Up to 64 columns there is little to skip, and a mispredicted branch costs more.)
-    int32_t b = 0;
-    for (; n > 64 && b + 32 <= n; b += 32) {
-      const __mmask8 m0 = equal(b), m1 = equal(b + 8), m2 = equal(b + 16), m3 = equal(b + 24);
-      if ((m0 | m1 | m2 | m3) == 0) continue;
-      take(b, m0), take(b + 8, m1), take(b + 16, m2), take(b + 24, m3);
-    }
-    for (; b + 8 <= n; b += 8) take(b, equal(b));
-    if (b < n) take(n - 8, equal(n - 8));
-    Keys t = __builtin_shufflevector(least, least, 4, 5, 6, 7, 0, 1, 2, 3);
-    least = t < least ? t : least;
-    t = __builtin_shufflevector(least, least, 2, 3, 0, 1, 6, 7, 4, 5);
-    least = t < least ? t : least;
-    t = __builtin_shufflevector(least, least, 1, 0, 3, 2, 5, 4, 7, 6);
-    least = t < least ? t : least;
-    const int32_t col = int32_t(least[0]);
-    return Key{val[col], int32_t(least[0] >> 32), col};
-#else
     Key best = Key::none();
     for (int32_t k = 0; k < n; k += 8) {
       const int32_t b = std::min(k, n - 8);
@@ -124,52 +95,11 @@ class SequentialTeam {
       }
     }
     return best;
-#endif
   }
 
   // Pass 1: relaxes every column; returns the lowest value.
   template <class Relax>
   LSA_HOT static double relax_blocks(int32_t n, const Relax& relax, const double* val) {
-#if defined(__AVX512F__)
-    // A cost with contiguous rows: eight columns as one vector, the operations of
-    // Relax::operator() (the same IEEE operations in the same order, so the same bits)
-    // and one masked store of the path entries. Vector operators rather than intrinsics
-    // where GCC 12's intrinsics raise false "maybe uninitialized" warnings.
-    if constexpr (requires { relax.cost.row(relax.i); }) {
-      const auto* row = relax.cost.row(relax.i);
-      const __m256i i = _mm256_set1_epi32(relax.i);
-      const auto relax_block = [&](int32_t b) {
-        const __m512d v = _mm512_loadu_pd(relax.w.v + b);
-        const __m512d r = ((relax.min_val + load8(row + b)) - relax.ui) - v;
-        __m512d x = r;
-        if (relax.first) {
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(relax.w.path + b), i);
-        } else {
-          const __m512d s = _mm512_loadu_pd(relax.w.spc + b);
-          _mm256_mask_storeu_epi32(relax.w.path + b, _mm512_cmp_pd_mask(r, s, _CMP_LT_OQ), i);
-          x = r < s ? r : s;
-        }
-        _mm512_storeu_pd(relax.w.spc + b, x);
-        return x;
-      };
-      // Two running minima, so that consecutive blocks do not wait for each other.
-      __m512d lo = _mm512_set1_pd(kInf), lo2 = lo;
-      const auto keep = [](__m512d& lo, __m512d x) { lo = x < lo ? x : lo; };
-      int32_t b = 0;
-      for (; b + 16 <= n; b += 16) keep(lo, relax_block(b)), keep(lo2, relax_block(b + 8));
-      if (b + 8 <= n) keep(lo, relax_block(b)), b += 8;
-      if (b < n) keep(lo2, relax_block(n - 8));
-      keep(lo, lo2);
-      // The lanes hold no NaN: any order of minima gives the lowest value.
-      __m512d t = __builtin_shufflevector(lo, lo, 4, 5, 6, 7, 0, 1, 2, 3);
-      lo = t < lo ? t : lo;
-      t = __builtin_shufflevector(lo, lo, 2, 3, 0, 1, 6, 7, 4, 5);
-      lo = t < lo ? t : lo;
-      t = __builtin_shufflevector(lo, lo, 1, 0, 3, 2, 5, 4, 7, 6);
-      lo = t < lo ? t : lo;
-      return lo[0];
-    }
-#endif
     // Otherwise the compiler vectorises relax over each block.
     __m256d lo0 = _mm256_set1_pd(kInf), lo1 = lo0;
     const auto relax_block = [&](int32_t b) {
@@ -191,10 +121,132 @@ class SequentialTeam {
   }
 
 #if defined(__AVX512F__)
-  LSA_HOT static __m512d load8(const double* p) { return _mm512_loadu_pd(p); }
-  LSA_HOT static __m512d load8(const float* p) {
-    return _mm512_maskz_cvtps_pd(0xff, _mm256_loadu_ps(p));  // _mm512_cvtps_pd: see above
+  // AVX-512 and a cost with contiguous rows: the same two passes, eight columns as one
+  // vector, with the operations of Relax::operator() (the same IEEE operations in the
+  // same order, so the same bits), one masked store of the path entries, and the
+  // scanned column's NaN applied as its block is loaded. The last block is masked
+  // instead of shifted (a load that straddles the block stored just before it waits
+  // for that store to reach the cache): its lanes past n read no cost and v = -inf,
+  // so their path cost is +inf and they never win. v, spc, path and rank need room
+  // for n rounded up to 8 (Workspace). The lowest values of each group of 64 columns
+  // are kept, so that pass 2 looks only at the groups that hold the lowest value; up
+  // to 64 columns, pass 2 makes one bit mask of the columns at the lowest value, and a
+  // single bit (the common case) is the winner without looking at ranks.
+  template <bool First, class Relax>
+  LSA_HOT Key argmin_rows(int32_t n, const Relax& relax, const double* val,
+                          const int32_t* rank) const {
+    const auto* row = relax.cost.row(relax.i);
+    const Workspace& w = relax.w;
+    const __m256i i = _mm256_set1_epi32(relax.i);
+    const __m512d inf = _mm512_set1_pd(kInf);
+    const auto relax_block = [&](int32_t b, __mmask8 in) {
+      const __m512d v = _mm512_mask_loadu_pd(-inf, in, w.v + b);
+      const __m512d r = ((relax.min_val + load8(row + b, in)) - relax.ui) - v;
+      __m512d x = r;
+      if constexpr (First) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(w.path + b), i);
+      } else {
+        const uint32_t k = uint32_t(relax.scanned - b);
+        const __mmask8 gone = k < 8u ? __mmask8(1u << k) : 0;
+        const __m512d s = _mm512_mask_mov_pd(_mm512_loadu_pd(w.spc + b), gone, _mm512_set1_pd(kNaN));
+        _mm256_mask_storeu_epi32(w.path + b, _mm512_cmp_pd_mask(r, s, _CMP_LT_OQ), i);
+        x = r < s ? r : s;
+      }
+      _mm512_storeu_pd(w.spc + b, x);
+      return x;
+    };
+    // lower(x, lo): x where it is lower, else lo; a NaN x (a scanned column) never is.
+    // Chains of these over blocks keep a NaN out of every running minimum.
+    const auto lower = [](__m512d x, __m512d lo) { return x < lo ? x : lo; };
+    const int32_t full = n & ~7;
+    const __mmask8 tail = __mmask8((1u << (n & 7)) - 1);
+
+    // Pass 1.
+    __m512d lo = inf;
+    const int32_t groups = (n + 63) / 64;
+    if (groups > 1) {
+      if (int64_t(group_low_.size()) < 8 * groups) group_low_.resize(8 * groups);
+      int32_t b = 0, g = 0;
+      for (; b + 64 <= n; b += 64, ++g) {
+        __m512d x0 = lower(relax_block(b, 0xff), inf), x1 = lower(relax_block(b + 8, 0xff), inf);
+        __m512d x2 = lower(relax_block(b + 16, 0xff), inf), x3 = lower(relax_block(b + 24, 0xff), inf);
+        x0 = lower(relax_block(b + 32, 0xff), x0), x1 = lower(relax_block(b + 40, 0xff), x1);
+        x2 = lower(relax_block(b + 48, 0xff), x2), x3 = lower(relax_block(b + 56, 0xff), x3);
+        const __m512d x = lower(lower(x0, x1), lower(x2, x3));
+        _mm512_storeu_pd(group_low_.data() + 8 * g, x);
+        lo = lower(x, lo);
+      }
+      if (b < n) {
+        __m512d x = inf;
+        for (; b < full; b += 8) x = lower(relax_block(b, 0xff), x);
+        if (tail) x = lower(relax_block(full, tail), x);
+        _mm512_storeu_pd(group_low_.data() + 8 * g, x);
+        lo = lower(x, lo);
+      }
+    } else {
+      __m512d lo2 = inf;  // two running minima: consecutive blocks do not wait for each other
+      int32_t b = 0;
+      for (; b + 16 <= n; b += 16) {
+        lo = lower(relax_block(b, 0xff), lo), lo2 = lower(relax_block(b + 8, 0xff), lo2);
+      }
+      if (b < full) lo = lower(relax_block(b, 0xff), lo);
+      if (tail) lo2 = lower(relax_block(full, tail), lo2);
+      lo = lower(lo2, lo);
+    }
+    // The lanes hold no NaN: any order of minima gives the lowest value.
+    __m512d t = __builtin_shufflevector(lo, lo, 4, 5, 6, 7, 0, 1, 2, 3);
+    lo = lower(t, lo);
+    t = __builtin_shufflevector(lo, lo, 2, 3, 0, 1, 6, 7, 4, 5);
+    lo = lower(t, lo);
+    t = __builtin_shufflevector(lo, lo, 1, 0, 3, 2, 5, 4, 7, 6);
+    lo = lower(t, lo);
+    if (lo[0] == kInf) return Key::none();
+
+    // Pass 2. Each column as a 64-bit key, rank above column: the least key wins.
+    const auto equal = [&](int32_t b) {
+      return _mm512_cmp_pd_mask(_mm512_loadu_pd(val + b), lo, _CMP_EQ_OQ);
+    };
+    using Keys = int64_t __attribute__((vector_size(64)));
+    using Ranks = int32_t __attribute__((vector_size(32)));
+    Keys least = Keys{} + INT64_MAX;
+    const auto take = [&](int32_t b, __mmask8 mask) {
+      Ranks r;
+      std::memcpy(&r, rank + b, sizeof r);
+      const Keys key = __builtin_convertvector(r, Keys) << 32 | (Keys{0, 1, 2, 3, 4, 5, 6, 7} + b);
+      least = Keys(_mm512_mask_min_epi64(__m512i(least), mask, __m512i(least), __m512i(key)));
+    };
+    if (groups > 1) {
+      for (int32_t g = 0; g < groups; ++g) {
+        if (_mm512_cmp_pd_mask(_mm512_loadu_pd(group_low_.data() + 8 * g), lo, _CMP_EQ_OQ) == 0) continue;
+        for (int32_t b = g * 64; b < std::min(g * 64 + 64, n); b += 8) take(b, equal(b));
+      }
+    } else {
+      uint64_t at_lowest = 0;
+      for (int32_t b = 0; b < n; b += 8) at_lowest |= uint64_t(equal(b)) << b;
+      if ((at_lowest & (at_lowest - 1)) == 0) {
+        const int32_t col = __builtin_ctzll(at_lowest);
+        return Key{val[col], rank[col], col};
+      }
+      for (int32_t b = 0; b < n; b += 8) take(b, __mmask8(at_lowest >> b));
+    }
+    Keys k = __builtin_shufflevector(least, least, 4, 5, 6, 7, 0, 1, 2, 3);
+    least = k < least ? k : least;
+    k = __builtin_shufflevector(least, least, 2, 3, 0, 1, 6, 7, 4, 5);
+    least = k < least ? k : least;
+    k = __builtin_shufflevector(least, least, 1, 0, 3, 2, 5, 4, 7, 6);
+    least = k < least ? k : least;
+    const int32_t col = int32_t(least[0]);
+    return Key{val[col], int32_t(least[0] >> 32), col};
   }
+
+  // GCC 12's _mm512_cvtps_pd raises a false "maybe uninitialized" warning; the masked
+  // form does not.
+  LSA_HOT static __m512d load8(const double* p, __mmask8 in) { return _mm512_maskz_loadu_pd(in, p); }
+  LSA_HOT static __m512d load8(const float* p, __mmask8 in) {
+    return _mm512_maskz_cvtps_pd(0xff, _mm256_maskz_loadu_ps(in, p));
+  }
+
+  mutable std::vector<double> group_low_;  // pass 1's lowest value of each lane, per 64 columns
 #endif
 #endif
 };
