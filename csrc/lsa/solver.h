@@ -94,7 +94,8 @@ struct Workspace {
   double* u;
   double* v;
   double* spc;   // shortest path cost to each column in the current Dijkstra; NaN once scanned
-  double* sval;  // sval[p], p in [nrem, m): the path cost of column at[p] when it was scanned
+  double* sval;  // sval[p], p in [nrem, m): the path cost of column at[p] when it was
+                 // scanned; after the dual update, the scan position that column left
   int32_t* col4row;
   int32_t* row4col;
   int32_t* path;  // the row each column was reached from (scratch between Dijkstras)
@@ -194,13 +195,16 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
     }
 
     // Dual update. The rows visited are `cur` and the rows matched to the scanned
-    // columns other than the sink; each is reached through its matched column.
+    // columns other than the sink; each is reached through its matched column. The
+    // scanned columns' path costs, once read, make room for the scan positions they
+    // left, which their ranks still give (the restore below rewrites ranks).
     if (team.leader()) w.u[cur] += min_val;
     team.for_each(m - nrem, [&](int32_t k) {
       const int32_t j = w.at[nrem + k];
       const double d = min_val - w.sval[nrem + k];
       if (j != sink) w.u[w.row4col[j]] += d;
       w.v[j] -= d;
+      w.sval[nrem + k] = scan_position(w.rank[j], m);
     });
     team.sync();
 
@@ -219,17 +223,12 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
     team.sync();
 
     // Restore the scan list. Only the positions this Dijkstra touched differ from the
-    // starting order: the tail [nrem, m) and the position each scanned column left,
-    // which its rank still gives (collected in `path` first: restoring rewrites
-    // ranks). Their columns get their ranks with this row's matching (the sink is now
-    // matched); no other column's status changed.
-    team.for_each(m - nrem, [&](int32_t k) {
-      w.path[nrem + k] = scan_position(w.rank[w.at[nrem + k]], m);
-    });
-    team.sync();
+    // starting order: the tail [nrem, m) and the positions the scanned columns left.
+    // Their columns get their ranks with this row's matching (the sink is now matched);
+    // no other column's status changed.
     team.for_each(m - nrem, [&](int32_t k) {
       restore(nrem + k);
-      restore(w.path[nrem + k]);
+      restore(int32_t(w.sval[nrem + k]));
     });
     team.sync();
   }

@@ -48,8 +48,7 @@ class SequentialTeam {
   LSA_HOT Key argmin(int32_t n, const Relax& relax, const double* val, const int32_t* rank) const {
 #if defined(__AVX512F__)
     if constexpr (requires { relax.cost.row(relax.i); }) {
-      return relax.first ? argmin_rows<true>(n, relax, val, rank)
-                         : argmin_rows<false>(n, relax, val, rank);
+      return argmin_rows(n, relax, val, rank);
     }
 #endif
 #if defined(__AVX__)
@@ -124,7 +123,9 @@ class SequentialTeam {
   // AVX-512 and a cost with contiguous rows: the same two passes, eight columns as one
   // vector, with the operations of Relax::operator() (the same IEEE operations in the
   // same order, so the same bits), one masked store of the path entries, and the
-  // scanned column's NaN applied as its block is loaded. The last block is masked
+  // scanned column's NaN applied as its block is loaded. The first step of a Dijkstra
+  // relaxes against +inf (scipy's reset; no code path of its own, whose entry and exit
+  // would each cost a mispredicted branch per row). The last block is masked
   // instead of shifted (a load that straddles the block stored just before it waits
   // for that store to reach the cache): its lanes past n read no cost and v = -inf,
   // so their path cost is +inf and they never win. v, spc, path and rank need room
@@ -132,26 +133,23 @@ class SequentialTeam {
   // are kept, so that pass 2 looks only at the groups that hold the lowest value; up
   // to 64 columns, pass 2 makes one bit mask of the columns at the lowest value, and a
   // single bit (the common case) is the winner without looking at ranks.
-  template <bool First, class Relax>
+  template <class Relax>
   LSA_HOT Key argmin_rows(int32_t n, const Relax& relax, const double* val,
                           const int32_t* rank) const {
     const auto* row = relax.cost.row(relax.i);
     const Workspace& w = relax.w;
     const __m256i i = _mm256_set1_epi32(relax.i);
     const __m512d inf = _mm512_set1_pd(kInf);
+    const __mmask8 fresh = relax.first ? 0xff : 0;
     const auto relax_block = [&](int32_t b, __mmask8 in) {
       const __m512d v = _mm512_mask_loadu_pd(-inf, in, w.v + b);
       const __m512d r = ((relax.min_val + load8(row + b, in)) - relax.ui) - v;
-      __m512d x = r;
-      if constexpr (First) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(w.path + b), i);
-      } else {
-        const uint32_t k = uint32_t(relax.scanned - b);
-        const __mmask8 gone = k < 8u ? __mmask8(1u << k) : 0;
-        const __m512d s = _mm512_mask_mov_pd(_mm512_loadu_pd(w.spc + b), gone, _mm512_set1_pd(kNaN));
-        _mm256_mask_storeu_epi32(w.path + b, _mm512_cmp_pd_mask(r, s, _CMP_LT_OQ), i);
-        x = r < s ? r : s;
-      }
+      const uint32_t k = uint32_t(relax.scanned - b);
+      const __mmask8 gone = k < 8u ? __mmask8(1u << k) : 0;
+      __m512d s = _mm512_mask_mov_pd(_mm512_loadu_pd(w.spc + b), fresh, inf);
+      s = _mm512_mask_mov_pd(s, gone, _mm512_set1_pd(kNaN));
+      _mm256_mask_storeu_epi32(w.path + b, _mm512_cmp_pd_mask(r, s, _CMP_LT_OQ), i);
+      const __m512d x = r < s ? r : s;
       _mm512_storeu_pd(w.spc + b, x);
       return x;
     };
