@@ -48,7 +48,10 @@ class SequentialTeam {
   LSA_HOT Key argmin(int32_t n, const Relax& relax, const double* val, const int32_t* rank) const {
 #if defined(__AVX512F__)
     if constexpr (requires { relax.cost.row(relax.i); }) {
-      return argmin_rows(n, relax, val, rank);
+      // (A wide row's first step skips loading the path costs it overwrites; with at
+      // most 64 columns the branch would cost more than the loads.)
+      return n > 64 && relax.first ? argmin_rows<true>(n, relax, val, rank)
+                                   : argmin_rows<false>(n, relax, val, rank);
     }
 #endif
 #if defined(__AVX__)
@@ -122,18 +125,17 @@ class SequentialTeam {
 #if defined(__AVX512F__)
   // AVX-512 and a cost with contiguous rows: the same two passes, eight columns as one
   // vector, with the operations of Relax::operator() (the same IEEE operations in the
-  // same order, so the same bits), one masked store of the path entries, and the
-  // scanned column's NaN applied as its block is loaded. The first step of a Dijkstra
-  // relaxes against +inf (scipy's reset; no code path of its own, whose entry and exit
-  // would each cost a mispredicted branch per row). The last block is masked
+  // same order, so the same bits) and one masked store of the path entries. Up to 64
+  // columns, the scanned column's NaN is applied as its block is loaded, and the first
+  // step of a Dijkstra relaxes against +inf (scipy's reset) in the same code as the
+  // others (a code path of its own would cost a mispredicted branch in and out per
+  // row, which at this size is most of a step). The last block is masked
   // instead of shifted (a load that straddles the block stored just before it waits
   // for that store to reach the cache): its lanes past n read no cost and v = -inf,
   // so their path cost is +inf and they never win. v, spc, path and rank need room
-  // for n rounded up to 8 (Workspace). The lowest values of each group of 64 columns
-  // are kept, so that pass 2 looks only at the groups that hold the lowest value; up
-  // to 64 columns, pass 2 makes one bit mask of the columns at the lowest value, and a
-  // single bit (the common case) is the winner without looking at ranks.
-  template <class Relax>
+  // for n rounded up to 8 (Workspace). Pass 1 keeps the lowest values of each group of
+  // 64 columns, so that pass 2 looks only at the groups that hold the lowest value.
+  template <bool First, class Relax>
   LSA_HOT Key argmin_rows(int32_t n, const Relax& relax, const double* val,
                           const int32_t* rank) const {
     const auto* row = relax.cost.row(relax.i);
@@ -141,12 +143,10 @@ class SequentialTeam {
     const __m256i i = _mm256_set1_epi32(relax.i);
     const __m512d inf = _mm512_set1_pd(kInf);
     const __mmask8 fresh = relax.first ? 0xff : 0;
-    const auto relax_block = [&](int32_t b, __mmask8 in) {
+    const auto relax_block = [&](int32_t b, __mmask8 in, __mmask8 gone = 0) {
       const __m512d v = _mm512_mask_loadu_pd(-inf, in, w.v + b);
       const __m512d r = ((relax.min_val + load8(row + b, in)) - relax.ui) - v;
-      const uint32_t k = uint32_t(relax.scanned - b);
-      const __mmask8 gone = k < 8u ? __mmask8(1u << k) : 0;
-      __m512d s = _mm512_mask_mov_pd(_mm512_loadu_pd(w.spc + b), fresh, inf);
+      __m512d s = First ? inf : _mm512_mask_mov_pd(_mm512_loadu_pd(w.spc + b), fresh, inf);
       s = _mm512_mask_mov_pd(s, gone, _mm512_set1_pd(kNaN));
       _mm256_mask_storeu_epi32(w.path + b, _mm512_cmp_pd_mask(r, s, _CMP_LT_OQ), i);
       const __m512d x = r < s ? r : s;
@@ -163,7 +163,7 @@ class SequentialTeam {
     // next): ask for all of its lines at once, into L2, rather than wait for the hardware
     // prefetcher to find the stream (a third less time per step on random rows of a
     // 2000 x 2000 float32 problem, measured here).
-    if (n > 64) {
+    if (n > 256) {
       const uintptr_t end = reinterpret_cast<uintptr_t>(row + n);
       for (uintptr_t a = reinterpret_cast<uintptr_t>(row) & ~uintptr_t(63); a < end; a += 64)
         _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T1);
@@ -171,11 +171,16 @@ class SequentialTeam {
     __m512d lo = inf;
     const int32_t groups = (n + 63) / 64;
     if (groups > 1) {
+      // The scanned column's NaN as a plain store: among many blocks, the one that holds
+      // it is rarely loaded soon enough to wait for the store.
+      if (relax.scanned >= 0) w.spc[relax.scanned] = kNaN;
       if (int64_t(group_low_.size()) < 8 * groups) group_low_.resize(8 * groups);
       int32_t b = 0, g = 0;
       for (; b + 64 <= n; b += 64, ++g) {
+        // Four running minima: consecutive blocks do not wait for each other.
         __m512d x0 = lower(relax_block(b, 0xff), inf), x1 = lower(relax_block(b + 8, 0xff), inf);
-        __m512d x2 = lower(relax_block(b + 16, 0xff), inf), x3 = lower(relax_block(b + 24, 0xff), inf);
+        __m512d x2 = lower(relax_block(b + 16, 0xff), inf);
+        __m512d x3 = lower(relax_block(b + 24, 0xff), inf);
         x0 = lower(relax_block(b + 32, 0xff), x0), x1 = lower(relax_block(b + 40, 0xff), x1);
         x2 = lower(relax_block(b + 48, 0xff), x2), x3 = lower(relax_block(b + 56, 0xff), x3);
         const __m512d x = lower(lower(x0, x1), lower(x2, x3));
@@ -190,13 +195,16 @@ class SequentialTeam {
         lo = lower(x, lo);
       }
     } else {
+      // The scanned column's NaN as a mask of each block, applied as it is loaded.
+      const uint64_t gone = relax.scanned >= 0 ? uint64_t(1) << relax.scanned : 0;
       __m512d lo2 = inf;  // two running minima: consecutive blocks do not wait for each other
       int32_t b = 0;
       for (; b + 16 <= n; b += 16) {
-        lo = lower(relax_block(b, 0xff), lo), lo2 = lower(relax_block(b + 8, 0xff), lo2);
+        lo = lower(relax_block(b, 0xff, __mmask8(gone >> b)), lo);
+        lo2 = lower(relax_block(b + 8, 0xff, __mmask8(gone >> (b + 8))), lo2);
       }
-      if (b < full) lo = lower(relax_block(b, 0xff), lo);
-      if (tail) lo2 = lower(relax_block(full, tail), lo2);
+      if (b < full) lo = lower(relax_block(b, 0xff, __mmask8(gone >> b)), lo);
+      if (tail) lo2 = lower(relax_block(full, tail, __mmask8(gone >> full)), lo2);
       lo = lower(lo2, lo);
     }
     // The lanes hold no NaN: any order of minima gives the lowest value.
@@ -221,19 +229,28 @@ class SequentialTeam {
       const Keys key = __builtin_convertvector(r, Keys) << 32 | (Keys{0, 1, 2, 3, 4, 5, 6, 7} + b);
       least = Keys(_mm512_mask_min_epi64(__m512i(least), mask, __m512i(least), __m512i(key)));
     };
-    if (groups > 1) {
-      for (int32_t g = 0; g < groups; ++g) {
-        if (_mm512_cmp_pd_mask(_mm512_loadu_pd(group_low_.data() + 8 * g), lo, _CMP_EQ_OQ) == 0) continue;
-        for (int32_t b = g * 64; b < std::min(g * 64 + 64, n); b += 8) take(b, equal(b));
-      }
-    } else {
-      uint64_t at_lowest = 0;
-      for (int32_t b = 0; b < n; b += 8) at_lowest |= uint64_t(equal(b)) << b;
-      if ((at_lowest & (at_lowest - 1)) == 0) {
-        const int32_t col = __builtin_ctzll(at_lowest);
-        return Key{val[col], rank[col], col};
-      }
-      for (int32_t b = 0; b < n; b += 8) take(b, __mmask8(at_lowest >> b));
+    // Group by group (one group up to 64 columns), the groups whose minima reached the
+    // lowest value. A single column at the lowest value (the common case) wins without
+    // looking at ranks; otherwise the least key among all of them does.
+    const auto reached = [&](int32_t g) {
+      if (groups == 1) return true;
+      return _mm512_cmp_pd_mask(_mm512_loadu_pd(group_low_.data() + 8 * g), lo, _CMP_EQ_OQ) != 0;
+    };
+    const auto end = [n](int32_t g) { return std::min(64 * g + 64, n); };
+    int32_t g = 0;
+    while (!reached(g)) ++g;
+    uint64_t bits = 0;  // the columns of group g at the lowest value
+    for (int32_t b = 64 * g; b < end(g); b += 8) bits |= uint64_t(equal(b)) << (b - 64 * g);
+    int32_t next = g + 1;
+    while (next < groups && !reached(next)) ++next;
+    if (next == groups && (bits & (bits - 1)) == 0) {
+      const int32_t col = 64 * g + __builtin_ctzll(bits);
+      return Key{val[col], rank[col], col};
+    }
+    for (int32_t b = 64 * g; b < end(g); b += 8) take(b, __mmask8(bits >> (b - 64 * g)));
+    for (; next < groups; ++next) {
+      if (!reached(next)) continue;
+      for (int32_t b = 64 * next; b < end(next); b += 8) take(b, equal(b));
     }
     Keys k = __builtin_shufflevector(least, least, 4, 5, 6, 7, 0, 1, 2, 3);
     least = k < least ? k : least;
@@ -247,7 +264,9 @@ class SequentialTeam {
 
   // GCC 12's _mm512_cvtps_pd raises a false "maybe uninitialized" warning; the masked
   // form does not.
-  LSA_HOT static __m512d load8(const double* p, __mmask8 in) { return _mm512_maskz_loadu_pd(in, p); }
+  LSA_HOT static __m512d load8(const double* p, __mmask8 in) {
+    return _mm512_maskz_loadu_pd(in, p);
+  }
   LSA_HOT static __m512d load8(const float* p, __mmask8 in) {
     return _mm512_maskz_cvtps_pd(0xff, _mm256_maskz_loadu_ps(in, p));
   }
