@@ -5,6 +5,8 @@ any architecture) may spill registers to local memory."""
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,20 @@ def test_spill_check_on_a_synthetic_report():
         f"{warp} on sm_90: 24 bytes spill stores, 8 bytes spill loads"]
     assert lsa_spill_failures(report[5:]) == []
     assert "no ptxas resource report" in lsa_spill_failures(report[7:])[0]
+
+
+HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "lsa_harness.cpp"
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_solver_harness_builds_and_runs(tmp_path):
+    """benchmarks/lsa_harness.cpp (the solver alone, for comparing two versions) still
+    compiles against csrc/lsa with the extension's flags, and solves."""
+    exe = tmp_path / "lsa_harness"
+    flags = ["-O3", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math", "-std=c++20"]
+    subprocess.run(["g++", *flags, "-march=native", "-I", str(HARNESS.parents[1] / "csrc" / "lsa"),
+                    str(HARNESS), "-o", str(exe)], check=True)
+    for args in (["6", "9", "3", "2"], ["70", "70", "2", "1", "1"], ["1", "1", "1", "1"]):
+        out = subprocess.run([str(exe), *args], capture_output=True, text=True, check=True).stdout
+        assert re.fullmatch(r"\d+x\d+ B=\d+ best [\d.]+ ms hash [0-9a-f]{16} duals \S+\n", out), out
+    assert subprocess.run([str(exe), "9", "6", "1", "1"], capture_output=True).returncode == 2

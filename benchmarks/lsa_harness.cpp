@@ -1,0 +1,68 @@
+// The CPU solver alone, one thread, no Python: for comparing two versions of csrc/lsa on
+// identical problems (this machine's speed drifts too much for one run of each to tell).
+//
+//   g++ -O3 -march=native -fno-fast-math -ffp-contract=off -fno-trapping-math -std=c++20
+//       -I csrc/lsa benchmarks/lsa_harness.cpp -o /tmp/lsa_new   (one line)
+//   /tmp/lsa_new N M B REPS [INTEGERS]
+//
+// solves B uniform float32 N x M problems (N <= M; integers in [0, 10) if INTEGERS is 1)
+// REPS times and prints the best time, with a hash of the assignments and the sum of the
+// duals: two builds that agree on both found the same matchings with the same duals. Build
+// the old version the same way from a checkout of it and run the two alternately.
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "teams_cpu.h"
+
+struct DenseCost {
+  const float* data;
+  int64_t ld;
+  double operator()(int32_t i, int32_t j) const { return double(data[i * ld + j]); }
+  const float* row(int32_t i) const { return data + i * ld; }
+};
+
+int main(int argc, char** argv) {
+  if (argc < 5) {
+    std::fprintf(stderr, "usage: %s N M B REPS [INTEGERS]\n", argv[0]);
+    return 2;
+  }
+  const int n = std::atoi(argv[1]), m = std::atoi(argv[2]), B = std::atoi(argv[3]);
+  const int reps = std::atoi(argv[4]), integers = argc > 5 ? std::atoi(argv[5]) : 0;
+  if (n < 1 || n > m || B < 1 || reps < 1) {
+    std::fprintf(stderr, "need 1 <= N <= M, B >= 1, REPS >= 1\n");
+    return 2;
+  }
+  const int64_t ld = (m + 15) / 16 * 16;  // rows on 64-byte boundaries, as the extension copies
+  std::vector<float> data(size_t(B) * n * ld + 16);
+  std::mt19937 gen(123);
+  std::uniform_real_distribution<float> uniform(0, 1);
+  for (auto& x : data) x = integers ? float(gen() % 10) : uniform(gen);
+
+  // Room for m rounded up to 8 in every column array (lsa::Workspace).
+  std::vector<double> u(n + 8), v(m + 8), spc(m + 8), sval(m + 8);
+  std::vector<int32_t> col4row(n + 8), row4col(m + 8), path(m + 8), at(m + 8), rank(m + 8);
+  const lsa::Workspace w{u.data(), v.data(), spc.data(), sval.data(), col4row.data(),
+                         row4col.data(), path.data(), at.data(), rank.data()};
+  lsa::SequentialTeam team;
+  uint64_t hash = 0;
+  double duals = 0, best = 1e30;
+  for (int r = 0; r < reps; ++r) {
+    const auto start = std::chrono::steady_clock::now();
+    for (int b = 0; b < B; ++b) {
+      if (lsa::solve(team, DenseCost{data.data() + size_t(b) * n * ld, ld}, n, m, w) != lsa::kOk) {
+        std::fprintf(stderr, "item %d not solved\n", b);
+        return 1;
+      }
+      if (r > 0) continue;
+      for (int i = 0; i < n; ++i) hash = hash * 1000003 + uint64_t(col4row[i]), duals += u[i];
+      for (int j = 0; j < m; ++j) duals += v[j];
+    }
+    const std::chrono::duration<double> t = std::chrono::steady_clock::now() - start;
+    best = std::min(best, t.count());
+  }
+  std::printf("%dx%d B=%d best %.3f ms hash %016llx duals %.17g\n", n, m, B, best * 1e3,
+              (unsigned long long)hash, duals);
+}
