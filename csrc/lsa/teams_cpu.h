@@ -48,8 +48,8 @@ class SequentialTeam {
   LSA_HOT Key argmin(int32_t n, const Relax& relax, const double* val, const int32_t* rank) const {
 #if defined(__AVX512F__)
     if constexpr (requires { relax.cost.row(relax.i); }) {
-      // (A wide row's first step skips loading the path costs it overwrites; with at
-      // most 64 columns the branch would cost more than the loads.)
+      // (A wide row's first step has code of its own, which sets every column outright;
+      // with at most 64 columns the branch would cost more than the loads it saves.)
       return n > 64 && relax.first ? argmin_rows<true>(n, relax, val, rank)
                                    : argmin_rows<false>(n, relax, val, rank);
     }
@@ -146,7 +146,12 @@ class SequentialTeam {
     const auto relax_block = [&](int32_t b, __mmask8 in, __mmask8 gone = 0) {
       const __m512d v = _mm512_mask_loadu_pd(-inf, in, w.v + b);
       const __m512d r = ((relax.min_val + load8(row + b, in)) - relax.ui) - v;
-      __m512d s = First ? inf : _mm512_mask_mov_pd(_mm512_loadu_pd(w.spc + b), fresh, inf);
+      if constexpr (First) {  // every column set outright (scipy's reset to +inf, then r)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(w.path + b), i);
+        _mm512_storeu_pd(w.spc + b, r);
+        return r;
+      }
+      __m512d s = _mm512_mask_mov_pd(_mm512_loadu_pd(w.spc + b), fresh, inf);
       s = _mm512_mask_mov_pd(s, gone, _mm512_set1_pd(kNaN));
       _mm256_mask_storeu_epi32(w.path + b, _mm512_cmp_pd_mask(r, s, _CMP_LT_OQ), i);
       const __m512d x = r < s ? r : s;
