@@ -1,5 +1,6 @@
 // CPU kernels of maskformer_fast::lsa and maskformer_fast::lsa_duals: batch items in
-// parallel with at::parallel_for, one sequential team per item.
+// parallel (at::parallel_for's threads take them a few at a time), one sequential team
+// per item.
 //
 // An item is read in place when it can be: a float32 or float64 cost whose rows are
 // contiguous, not transposed, not negated. Otherwise it is copied once, oriented so that
@@ -15,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -184,46 +186,53 @@ void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximi
   int32_t* st = status.data_ptr<int32_t>();
   double* uo = u_out ? u_out->data_ptr<double>() : nullptr;
   double* vo = v_out ? v_out->data_ptr<double>() : nullptr;
+  // Items are handed out `grain` at a time to whichever thread is free (not split into
+  // equal ranges up front): items differ in work, and a core busy with something else
+  // (a data loader) then costs its share only.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, N * M));
+  const int64_t grabs = (B + grain - 1) / grain;
+  std::atomic<int64_t> next{0};
 
   AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, cost.scalar_type(), "lsa_cpu", [&] {
     using T = Stored<scalar_t>;
     const scalar_t* base = cost.const_data_ptr<scalar_t>();
     const int64_t s0 = cost.stride(0), s1 = cost.stride(1), s2 = cost.stride(2);
-    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, std::min<int64_t>(grabs, at::get_num_threads()), 1, [&](int64_t, int64_t) {
       Scratch<T> scratch;
-      for (int64_t b = begin; b < end; ++b) {
-        const Item& it = items[b];
-        const int32_t n = it.rows(), m = it.cols();
-        DenseCost<T> view{nullptr, s1};
-        if (!it.transpose && !maximize && s2 == 1) view.data = as_stored<T>(base + b * s0);
-        if (view.data == nullptr) {
-          T* copy = scratch.item(n, m);
-          load_oriented(base + b * s0, s1, s2, it, maximize, copy, scratch.ld(m));
-          view = {copy, scratch.ld(m)};
-        }
-        const lsa::Workspace w = scratch.workspace(n, m);
-        int32_t result;
-        if (lanes <= 1) {
-          result = lsa::solve(scratch.team, view, n, m, w);
-        } else {
-          lsa::SimulatedTeam team{int(lanes)};
-          result = lsa::solve(team, view, n, m, w);
-        }
-        st[b] = result;
-        int64_t* out = c4r + b * N;
-        if (result == lsa::kOk) {
-          if (!it.transpose) {
-            for (int32_t i = 0; i < n; ++i) out[i] = w.col4row[i];
-          } else {
-            for (int32_t i = 0; i < n; ++i) out[w.col4row[i]] = i;
+      for (int64_t begin; (begin = next.fetch_add(grain, std::memory_order_relaxed)) < B;) {
+        for (int64_t b = begin; b < std::min(B, begin + grain); ++b) {
+          const Item& it = items[b];
+          const int32_t n = it.rows(), m = it.cols();
+          DenseCost<T> view{nullptr, s1};
+          if (!it.transpose && !maximize && s2 == 1) view.data = as_stored<T>(base + b * s0);
+          if (view.data == nullptr) {
+            T* copy = scratch.item(n, m);
+            load_oriented(base + b * s0, s1, s2, it, maximize, copy, scratch.ld(m));
+            view = {copy, scratch.ld(m)};
           }
-        }
-        if (uo && result == lsa::kOk) {
-          const double* ur = it.transpose ? w.v : w.u;
-          const double* vc = it.transpose ? w.u : w.v;
-          for (int64_t r = 0; r < it.n; ++r) uo[b * N + r] = ur[r];
-          for (int64_t c = 0; c < it.m; ++c) vo[b * M + c] = vc[c];
+          const lsa::Workspace w = scratch.workspace(n, m);
+          int32_t result;
+          if (lanes <= 1) {
+            result = lsa::solve(scratch.team, view, n, m, w);
+          } else {
+            lsa::SimulatedTeam team{int(lanes)};
+            result = lsa::solve(team, view, n, m, w);
+          }
+          st[b] = result;
+          int64_t* out = c4r + b * N;
+          if (result == lsa::kOk) {
+            if (!it.transpose) {
+              for (int32_t i = 0; i < n; ++i) out[i] = w.col4row[i];
+            } else {
+              for (int32_t i = 0; i < n; ++i) out[w.col4row[i]] = i;
+            }
+          }
+          if (uo && result == lsa::kOk) {
+            const double* ur = it.transpose ? w.v : w.u;
+            const double* vc = it.transpose ? w.u : w.v;
+            for (int64_t r = 0; r < it.n; ++r) uo[b * N + r] = ur[r];
+            for (int64_t c = 0; c < it.m; ++c) vo[b * M + c] = vc[c];
+          }
         }
       }
     });
