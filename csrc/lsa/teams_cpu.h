@@ -99,10 +99,10 @@ class SequentialTeam {
     return best;
   }
 
-  // Pass 1: relaxes every column; returns the lowest value.
+  // Pass 1: relaxes every column (the compiler vectorises relax over each block);
+  // returns the lowest value.
   template <class Relax>
   LSA_HOT static double relax_blocks(int32_t n, const Relax& relax, const double* val) {
-    // Otherwise the compiler vectorises relax over each block.
     __m256d lo0 = _mm256_set1_pd(kInf), lo1 = lo0;
     const auto relax_block = [&](int32_t b) {
       // relax(j) touches the state of column j only: no dependence between iterations.
@@ -241,21 +241,21 @@ class SequentialTeam {
       if (groups == 1) return true;
       return _mm512_cmp_pd_mask(_mm512_loadu_pd(group_low_.data() + 8 * g), lo, _CMP_EQ_OQ) != 0;
     };
-    const auto end = [n](int32_t g) { return std::min(64 * g + 64, n); };
+    const auto group_end = [n](int32_t g) { return std::min(64 * g + 64, n); };
     int32_t g = 0;
     while (!reached(g)) ++g;
     uint64_t bits = 0;  // the columns of group g at the lowest value
-    for (int32_t b = 64 * g; b < end(g); b += 8) bits |= uint64_t(equal(b)) << (b - 64 * g);
+    for (int32_t b = 64 * g; b < group_end(g); b += 8) bits |= uint64_t(equal(b)) << (b - 64 * g);
     int32_t next = g + 1;
     while (next < groups && !reached(next)) ++next;
     if (next == groups && (bits & (bits - 1)) == 0) {
       const int32_t col = 64 * g + __builtin_ctzll(bits);
       return Key{val[col], rank[col], col};
     }
-    for (int32_t b = 64 * g; b < end(g); b += 8) take(b, __mmask8(bits >> (b - 64 * g)));
+    for (int32_t b = 64 * g; b < group_end(g); b += 8) take(b, __mmask8(bits >> (b - 64 * g)));
     for (; next < groups; ++next) {
       if (!reached(next)) continue;
-      for (int32_t b = 64 * next; b < end(next); b += 8) take(b, equal(b));
+      for (int32_t b = 64 * next; b < group_end(next); b += 8) take(b, equal(b));
     }
     Keys k = __builtin_shufflevector(least, least, 4, 5, 6, 7, 0, 1, 2, 3);
     least = k < least ? k : least;
