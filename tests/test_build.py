@@ -88,3 +88,27 @@ def test_solver_harness_builds_and_runs(tmp_path):
         out = subprocess.run([str(exe), *args], capture_output=True, text=True, check=True).stdout
         assert re.fullmatch(r"\d+x\d+ B=\d+ best [\d.]+ ms hash [0-9a-f]{16} duals \S+\n", out), out
     assert subprocess.run([str(exe), "9", "6", "1", "1"], capture_output=True).returncode == 2
+
+
+def outlined_team_code(symbols: list[str]) -> list[str]:
+    """The sequential team's functions and lambdas that the compiler kept as functions of
+    their own (demangled `nm` lines): each is always_inline, and a call per block of eight
+    columns made the extension's solver 1.6x slower than the same code in the harness."""
+    return [s for s in symbols if "lsa::SequentialTeam::" in s]
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm (binutils)")
+def test_sequential_team_is_inlined():
+    if not _ops.has_kernel("cpu"):
+        pytest.skip("the extension is not built")
+    import maskformer_fast._C as ext
+
+    out = subprocess.run(["nm", "-C", "--defined-only", ext.__file__], capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert any("lsa::solve<lsa::SequentialTeam" in s for s in out), "no solver in the module?"
+    assert outlined_team_code(out) == []
+    lambda_line = ("0000000000025080 t lsa::SequentialTeam::argmin_rows<false, lsa::Relax<X> >"
+                   "(int, lsa::Relax<X> const&, double const*, int const*) const::"
+                   "{lambda(int, unsigned char, unsigned char)#1}::operator()(int, unsigned char, "
+                   "unsigned char) const [clone .constprop.0]")
+    assert outlined_team_code([lambda_line, "00000000000287e0 t int lsa::solve<...>"]) == [lambda_line]

@@ -17,9 +17,14 @@
 
 #include "solver.h"
 
-// The sequential team's loops are the solver's hot loops: inline them (and the
-// solver's lambdas) whatever the compiler's heuristics think of their size.
+// The sequential team's loops are the solver's hot loops: inline them, and the lambdas
+// inside them (LSA_HOT_LAMBDA), whatever the compiler's heuristics think of their size.
+// In the extension, where the solver is instantiated for every dtype, GCC 12 stopped
+// inlining the per-block lambda of argmin_rows and called it for every eight columns:
+// a 2000 x 2000 problem took 1.6x as long as the same code in a small program
+// (tests/test_build.py now checks the built module for such a call).
 #define LSA_HOT inline __attribute__((always_inline))
+#define LSA_HOT_LAMBDA __attribute__((always_inline))
 
 namespace lsa {
 
@@ -104,7 +109,7 @@ class SequentialTeam {
   template <class Relax>
   LSA_HOT static double relax_blocks(int32_t n, const Relax& relax, const double* val) {
     __m256d lo0 = _mm256_set1_pd(kInf), lo1 = lo0;
-    const auto relax_block = [&](int32_t b) {
+    const auto relax_block = [&](int32_t b) LSA_HOT_LAMBDA {
       // relax(j) touches the state of column j only: no dependence between iterations.
 #pragma GCC unroll 1
 #pragma GCC ivdep
@@ -143,7 +148,7 @@ class SequentialTeam {
     const __m256i i = _mm256_set1_epi32(relax.i);
     const __m512d inf = _mm512_set1_pd(kInf);
     const __mmask8 fresh = relax.first ? 0xff : 0;
-    const auto relax_block = [&](int32_t b, __mmask8 in, __mmask8 gone = 0) {
+    const auto relax_block = [&](int32_t b, __mmask8 in, __mmask8 gone = 0) LSA_HOT_LAMBDA {
       const __m512d v = _mm512_mask_loadu_pd(-inf, in, w.v + b);
       const __m512d r = ((relax.min_val + load8(row + b, in)) - relax.ui) - v;
       if constexpr (First) {  // every column set outright (scipy's reset to +inf, then r)
@@ -160,7 +165,7 @@ class SequentialTeam {
     };
     // lower(x, lo): x where it is lower, else lo; a NaN x (a scanned column) never is.
     // Chains of these over blocks keep a NaN out of every running minimum.
-    const auto lower = [](__m512d x, __m512d lo) { return x < lo ? x : lo; };
+    const auto lower = [](__m512d x, __m512d lo) LSA_HOT_LAMBDA { return x < lo ? x : lo; };
     const int32_t full = n & ~7;
     const __mmask8 tail = __mmask8((1u << (n & 7)) - 1);
 
@@ -222,13 +227,13 @@ class SequentialTeam {
     if (lo[0] == kInf) return Key::none();
 
     // Pass 2. Each column as a 64-bit key, rank above column: the least key wins.
-    const auto equal = [&](int32_t b) {
+    const auto equal = [&](int32_t b) LSA_HOT_LAMBDA {
       return _mm512_cmp_pd_mask(_mm512_loadu_pd(val + b), lo, _CMP_EQ_OQ);
     };
     using Keys = int64_t __attribute__((vector_size(64)));
     using Ranks = int32_t __attribute__((vector_size(32)));
     Keys least = Keys{} + INT64_MAX;
-    const auto take = [&](int32_t b, __mmask8 mask) {
+    const auto take = [&](int32_t b, __mmask8 mask) LSA_HOT_LAMBDA {
       Ranks r;
       std::memcpy(&r, rank + b, sizeof r);
       const Keys key = __builtin_convertvector(r, Keys) << 32 | (Keys{0, 1, 2, 3, 4, 5, 6, 7} + b);
@@ -237,11 +242,11 @@ class SequentialTeam {
     // Group by group (one group up to 64 columns), the groups whose minima reached the
     // lowest value. A single column at the lowest value (the common case) wins without
     // looking at ranks; otherwise the least key among all of them does.
-    const auto reached = [&](int32_t g) {
+    const auto reached = [&](int32_t g) LSA_HOT_LAMBDA {
       if (groups == 1) return true;
       return _mm512_cmp_pd_mask(_mm512_loadu_pd(group_low_.data() + 8 * g), lo, _CMP_EQ_OQ) != 0;
     };
-    const auto group_end = [n](int32_t g) { return std::min(64 * g + 64, n); };
+    const auto group_end = [n](int32_t g) LSA_HOT_LAMBDA { return std::min(64 * g + 64, n); };
     int32_t g = 0;
     while (!reached(g)) ++g;
     uint64_t bits = 0;  // the columns of group g at the lowest value
