@@ -91,12 +91,14 @@ def _as_sizes(sizes, batch: int, device: torch.device) -> torch.Tensor | None:
         raise TypeError(f"sizes must hold integers, got dtype {s.dtype}")
     if s.dim() != 2 or s.shape[0] != batch or s.shape[1] != 2:
         raise ValueError(f"sizes must have shape [B, 2] = [{batch}, 2], got {list(s.shape)}")
+    if s.dtype == torch.int64 and s.device == device:
+        return s
     return s.to(device=device, dtype=torch.int64, non_blocking=True)
 
 
 def _raise_for_status(status: torch.Tensor, batched: bool) -> None:
     """One host sync: raises ValueError with scipy's message for the first failed item."""
-    codes = status.cpu().numpy()
+    codes = (status if status.is_cpu else status.cpu()).numpy()
     if not np.count_nonzero(codes):  # the common case, in a fraction of a microsecond
         return
     b = int(np.flatnonzero(codes)[0])
