@@ -93,6 +93,10 @@ def _train(args) -> None:
     cfg = Config(**values)
     out = args.out or f"runs/{cfg.data}"
     metrics = train(cfg, out, resume=args.resume, device=args.device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Under torchrun: gloo's worker threads must be done before the interpreter shuts
+        # down (one that frees a collective's tensors then aborts the process).
+        torch.distributed.destroy_process_group()
     if "AP" in metrics:
         print(json.dumps(metrics, indent=2))
         print(f"metrics, checkpoint and figures in {out}/")

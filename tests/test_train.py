@@ -408,6 +408,11 @@ def test_two_process_torchrun(tmp_path):
         "assert torch.equal(gathered[0], gathered[1]), 'ranks disagree'\n"
         "open(f'{sys.argv[1]}.rank{dist.get_rank()}', 'w').write('agrees')\n"
         "dist.destroy_process_group()\n"
+        # torch's gloo thread may free all_gather's work (holding `gathered`) after the
+        # interpreter began to shut down, and then aborts (SIGABRT, "terminate called
+        # without an active exception"; seen in about 1 run in 20 here, pytorch PR 179291):
+        # the check is done, leave without the shutdown.
+        "import os; sys.stdout.flush(); sys.stderr.flush(); os._exit(0)\n"
     )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with socket.socket() as s:  # a free port: a fixed one may be taken on a shared CI machine
