@@ -98,11 +98,15 @@ struct Scratch {
 };
 
 #if defined(__AVX__)
-// out[c * ld + r] = x[r * s_row + c] (negated if `negate`) for an 8 x 8 tile of floats.
-inline void transpose8(const float* x, int64_t s_row, bool negate, float* out, int64_t ld) {
-  const __m256 sign = _mm256_set1_ps(negate ? -0.0f : 0.0f);
-  __m256 a[8], b[8];
-  for (int k = 0; k < 8; ++k) a[k] = _mm256_xor_ps(_mm256_loadu_ps(x + k * s_row), sign);
+// out[c * ld + r] = x[r * s_row + c] (negated if `negate`) for an 8 x 8 tile of floats;
+// returns whether every entry written is above -inf.
+inline bool transpose8(const float* x, int64_t s_row, bool negate, float* out, int64_t ld) {
+  const __m256 sign = _mm256_set1_ps(negate ? -0.0f : 0.0f), ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 a[8], b[8], above = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  for (int k = 0; k < 8; ++k) {
+    a[k] = _mm256_xor_ps(_mm256_loadu_ps(x + k * s_row), sign);
+    above = _mm256_and_ps(above, _mm256_cmp_ps(a[k], ninf, _CMP_GT_OQ));
+  }
   for (int k = 0; k < 8; k += 2) {
     b[k] = _mm256_unpacklo_ps(a[k], a[k + 1]);
     b[k + 1] = _mm256_unpackhi_ps(a[k], a[k + 1]);
@@ -117,6 +121,7 @@ inline void transpose8(const float* x, int64_t s_row, bool negate, float* out, i
     _mm256_storeu_ps(out + k * ld, _mm256_permute2f128_ps(a[k], a[k + 4], 0x20));
     _mm256_storeu_ps(out + (k + 4) * ld, _mm256_permute2f128_ps(a[k], a[k + 4], 0x31));
   }
+  return _mm256_movemask_ps(above) == 0xff;
 }
 #endif
 
@@ -124,31 +129,38 @@ inline void transpose8(const float* x, int64_t s_row, bool negate, float* out, i
 // it.rows() x it.cols(), leading dimension ld). Written in order: a transposed item is
 // read down its columns, or, for float32 rows of at least 8 x 8, in 8 x 8 tiles (the
 // last tile of a row or column shifted back to end at the edge: it writes some entries
-// twice, identically).
+// twice, identically). Returns whether every entry (as copied) is above -inf, that is,
+// neither NaN nor -inf: the solver need not look again.
 template <typename scalar_t, typename T>
-void load_oriented(const scalar_t* item, int64_t s_row, int64_t s_col, const Item& it,
+bool load_oriented(const scalar_t* item, int64_t s_row, int64_t s_col, const Item& it,
                    bool maximize, T* out, int64_t ld) {
   const int64_t rows = it.rows(), cols = it.cols();
 #if defined(__AVX__)
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (it.transpose && s_col == 1 && rows >= 8 && cols >= 8) {
+      bool valid = true;
       for (int64_t i = 0; i < rows; i += 8) {  // oriented row i: input column i
         for (int64_t j = 0; j < cols; j += 8) {
           const int64_t i0 = std::min(i, rows - 8), j0 = std::min(j, cols - 8);
-          transpose8(item + j0 * s_row + i0, s_row, maximize, out + i0 * ld + j0, ld);
+          valid &= transpose8(item + j0 * s_row + i0, s_row, maximize, out + i0 * ld + j0, ld);
         }
       }
-      return;
+      return valid;
     }
   }
 #endif
   const int64_t sr = it.transpose ? s_col : s_row, sc = it.transpose ? s_row : s_col;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  int64_t invalid = 0;  // a count: no branch in the copy
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < cols; ++c) {
       const T x = static_cast<T>(item[r * sr + c * sc]);
-      out[r * ld + c] = maximize ? -x : x;
+      const T y = maximize ? -x : x;
+      out[r * ld + c] = y;
+      invalid += !(y > ninf);
     }
   }
+  return invalid == 0;
 }
 
 std::vector<Item> read_items(const Tensor& cost, const std::optional<Tensor>& sizes) {
@@ -207,18 +219,20 @@ void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximi
           const int32_t n = it.rows(), m = it.cols();
           DenseCost<T> view{nullptr, s1};
           if (!it.transpose && !maximize && s2 == 1) view.data = as_stored<T>(base + b * s0);
+          bool checked = false, valid = true;  // a copy checks its entries as it goes
           if (view.data == nullptr) {
             T* copy = scratch.item(n, m);
-            load_oriented(base + b * s0, s1, s2, it, maximize, copy, scratch.ld(m));
+            valid = load_oriented(base + b * s0, s1, s2, it, maximize, copy, scratch.ld(m));
+            checked = true;
             view = {copy, scratch.ld(m)};
           }
           const lsa::Workspace w = scratch.workspace(n, m);
-          int32_t result;
-          if (lanes <= 1) {
-            result = lsa::solve(scratch.team, view, n, m, w);
-          } else {
+          int32_t result = lsa::kInvalid;
+          if (valid && lanes <= 1) {
+            result = lsa::solve(scratch.team, view, n, m, w, checked);
+          } else if (valid) {
             lsa::SimulatedTeam team{int(lanes)};
-            result = lsa::solve(team, view, n, m, w);
+            result = lsa::solve(team, view, n, m, w, checked);
           }
           st[b] = result;
           int64_t* out = c4r + b * N;
