@@ -101,7 +101,8 @@ struct Scratch {
 // out[c * ld + r] = x[r * s_row + c] (negated if `negate`) for an 8 x 8 tile of floats;
 // returns whether every entry written is above -inf.
 inline bool transpose8(const float* x, int64_t s_row, bool negate, float* out, int64_t ld) {
-  const __m256 sign = _mm256_set1_ps(negate ? -0.0f : 0.0f), ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256 sign = _mm256_set1_ps(negate ? -0.0f : 0.0f);
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   __m256 a[8], b[8], above = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
   for (int k = 0; k < 8; ++k) {
     a[k] = _mm256_xor_ps(_mm256_loadu_ps(x + k * s_row), sign);
