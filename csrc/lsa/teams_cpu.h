@@ -147,8 +147,10 @@ class SequentialTeam {
     const Workspace& w = relax.w;
     const __m256i i = _mm256_set1_epi32(relax.i);
     const __m512d inf = _mm512_set1_pd(kInf);
-    const __mmask8 fresh = relax.first ? 0xff : 0;
-    const auto relax_block = [&](int32_t b, __mmask8 in, __mmask8 gone = 0) LSA_HOT_LAMBDA {
+    // Up to 64 columns, a first step's columns start from +inf (`fresh`) and the scanned
+    // column's is NaN (`gone`), as masks of each block; wider rows have neither here.
+    const auto relax_block = [&](int32_t b, __mmask8 in, __mmask8 gone = 0,
+                                 __mmask8 fresh = 0) LSA_HOT_LAMBDA {
       const __m512d v = _mm512_mask_loadu_pd(-inf, in, w.v + b);
       const __m512d r = ((relax.min_val + load8(row + b, in)) - relax.ui) - v;
       if constexpr (First) {  // every column set outright (scipy's reset to +inf, then r)
@@ -207,14 +209,15 @@ class SequentialTeam {
     } else {
       // The scanned column's NaN as a mask of each block, applied as it is loaded.
       const uint64_t gone = relax.scanned >= 0 ? uint64_t(1) << relax.scanned : 0;
+      const __mmask8 fresh = relax.first ? 0xff : 0;
       __m512d lo2 = inf;  // two running minima: consecutive blocks do not wait for each other
       int32_t b = 0;
       for (; b + 16 <= n; b += 16) {
-        lo = lower(relax_block(b, 0xff, __mmask8(gone >> b)), lo);
-        lo2 = lower(relax_block(b + 8, 0xff, __mmask8(gone >> (b + 8))), lo2);
+        lo = lower(relax_block(b, 0xff, __mmask8(gone >> b), fresh), lo);
+        lo2 = lower(relax_block(b + 8, 0xff, __mmask8(gone >> (b + 8)), fresh), lo2);
       }
-      if (b < full) lo = lower(relax_block(b, 0xff, __mmask8(gone >> b)), lo);
-      if (tail) lo2 = lower(relax_block(full, tail, __mmask8(gone >> full)), lo2);
+      if (b < full) lo = lower(relax_block(b, 0xff, __mmask8(gone >> b), fresh), lo);
+      if (tail) lo2 = lower(relax_block(full, tail, __mmask8(gone >> full), fresh), lo2);
       lo = lower(lo2, lo);
     }
     // The lanes hold no NaN: any order of minima gives the lowest value.
