@@ -3,15 +3,17 @@
 //
 //   g++ -O3 -march=native -fno-fast-math -ffp-contract=off -fno-trapping-math -std=c++20
 //       -I csrc/lsa benchmarks/lsa_harness.cpp -o /tmp/lsa_new   (one line)
-//   /tmp/lsa_new N M B REPS [INTEGERS]
+//   /tmp/lsa_new N M B REPS [INTEGERS [FILE]]
 //
-// solves B uniform float32 N x M problems (N <= M; integers in [0, 10) if INTEGERS is 1)
+// solves B uniform float32 N x M problems (N <= M; integers in [0, 10) if INTEGERS is 1;
+// read from FILE, B * N * M float32 in a row, if given as a sixth argument)
 // REPS times and prints the best time, with a hash of the assignments and the sum of the
 // duals: two builds that agree on both found the same matchings with the same duals. Build
 // the old version the same way from a checkout of it and run the two alternately.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <new>
 #include <random>
 #include <vector>
 
@@ -22,6 +24,17 @@ struct DenseCost {
   int64_t ld;
   double operator()(int32_t i, int32_t j) const { return double(data[i * ld + j]); }
   const float* row(int32_t i) const { return data + i * ld; }
+};
+
+template <class T>
+struct Aligned {
+  using value_type = T;
+  Aligned() = default;
+  template <class U>
+  Aligned(const Aligned<U>&) {}
+  T* allocate(size_t k) { return static_cast<T*>(::operator new(k * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  bool operator==(const Aligned&) const { return true; }
 };
 
 int main(int argc, char** argv) {
@@ -40,10 +53,23 @@ int main(int argc, char** argv) {
   std::mt19937 gen(123);
   std::uniform_real_distribution<float> uniform(0, 1);
   for (auto& x : data) x = integers ? float(gen() % 10) : uniform(gen);
+  if (argc > 6) {  // the problems from a file of B * N * M float32 (a tensor's .numpy().tofile())
+    std::FILE* f = std::fopen(argv[6], "rb");
+    for (int64_t r = 0; f && r < int64_t(B) * n; ++r)
+      if (std::fread(data.data() + r * ld, sizeof(float), m, f) != size_t(m)) f = nullptr;
+    if (!f) {
+      std::fprintf(stderr, "cannot read %d x %d x %d float32 from %s\n", B, n, m, argv[6]);
+      return 2;
+    }
+    std::fclose(f);
+  }
 
-  // Room for m rounded up to 8 in every column array (lsa::Workspace).
-  std::vector<double> u(n + 8), v(m + 8), spc(m + 8), sval(m + 8);
-  std::vector<int32_t> col4row(n + 8), row4col(m + 8), path(m + 8), at(m + 8), rank(m + 8);
+  // Room for m rounded up to 8 in every column array, each on a 64-byte boundary
+  // (lsa::Workspace), as the extension allocates them.
+  using D = std::vector<double, Aligned<double>>;
+  using I = std::vector<int32_t, Aligned<int32_t>>;
+  D u(n + 8), v(m + 8), spc(m + 8), sval(m + 8);
+  I col4row(n + 8), row4col(m + 8), path(m + 8), at(m + 8), rank(m + 8);
   const lsa::Workspace w{u.data(), v.data(), spc.data(), sval.data(), col4row.data(),
                          row4col.data(), path.data(), at.data(), rank.data()};
   lsa::SequentialTeam team;

@@ -14,10 +14,12 @@
 //
 // A team is the group of lanes that solves one problem together: one thread on
 // the CPU, a warp or a block on the GPU. The body below only uses
-//   size, leader(), sync(), for_each(n, f), any(rows, cols, pred), argmin(n, relax, values, ranks)
+//   size, records_path, leader(), sync(), for_each(n, f), any(rows, cols, pred),
+//   argmin(n, relax, values, ranks)
 // where argmin(n, relax, values, ranks) calls relax(k) for every k (which updates
 // values[k]; NaN marks a k that is no candidate; calling it again for the same k
-// changes nothing, so a team may) and then all-reduces the keys
+// changes nothing, so a team may; a team whose records_path is false may leave out
+// relax's path entries, and the solver finds them again) and then all-reduces the keys
 // (values[k], ranks[k], k). The Key's tie rank is unique per column, so the
 // keys are strictly totally ordered and every reduction order (a sequential scan,
 // a warp butterfly, a block of warps) returns the same column. Every lane runs
@@ -88,8 +90,9 @@ LSA_HD int32_t scan_position(int32_t rank, int32_t m) {
 }
 
 // Per-problem state: u[n], col4row[n]; v[m], spc[m], sval[m], path[m], row4col[m], at[m],
-// rank[m]. (The CPU's sequential team also needs room for m rounded up to 8 in v, spc,
-// path and rank: it reads and writes them eight columns at a time.)
+// rank[m]. (The CPU's sequential team also needs room for m rounded up to 8 in v, spc
+// and rank, which it reads and writes eight columns at a time, and v and spc on 32-byte
+// boundaries.)
 struct Workspace {
   double* u;
   double* v;
@@ -137,6 +140,36 @@ struct Relax {
     w.path[j] = select(better, i, w.path[j]);
   }
 };
+
+// The path entries of the columns on the augmenting path that ends at `sink`, found
+// again after the Dijkstra from row `cur` rather than kept for every column at every
+// step (for a team whose relaxation does not record them): column j's entry is the
+// first row, in the order the Dijkstra visited rows, whose relaxation reached j's path
+// cost at the time j was scanned. The relaxation lowers a path cost only where it is
+// strictly lower, so the first row to reach the final value is the one that set it;
+// the reduced cost is computed as Relax computes it, so the values compare exactly.
+// Row k of the Dijkstra (k >= 1) is the row matched to the column scanned at step
+// k - 1, at[m - k], reached at path cost sval[m - k]; row 0 is `cur`, at 0. The walk
+// goes back from the sink through the rows' matched columns, which were scanned ever
+// earlier, so one pass over the scanned columns finds each one's position.
+template <class Cost>
+LSA_HD void find_path(const Cost& cost, int32_t m, Workspace w, int32_t cur, int32_t sink,
+                      int32_t nrem) {
+  int32_t j = sink, p = nrem;
+  while (true) {
+    while (w.at[p] != j) ++p;
+    const int32_t steps = m - 1 - p;  // j was scanned at this step
+    int32_t i = cur;
+    for (int32_t k = 0; k < steps; ++k) {
+      const double min_val = k == 0 ? 0.0 : w.sval[m - k];
+      if (((min_val + cost(i, j)) - w.u[i]) - w.v[j] == w.sval[p]) break;
+      i = w.row4col[w.at[m - 1 - k]];
+    }
+    w.path[j] = i;
+    if (i == cur) return;
+    j = w.col4row[i];
+  }
+}
 
 // Solves min sum c(i, col4row[i]) for an n x m problem with n <= m, `cost(i, j)`
 // returning the entry as a double (already negated for maximisation).
@@ -195,6 +228,11 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
       }
       scanned = j;
       --nrem;
+      team.sync();
+    }
+
+    if constexpr (!Team::records_path) {
+      if (team.leader()) find_path(cost, m, w, cur, sink, nrem);
       team.sync();
     }
 

@@ -31,6 +31,12 @@ namespace lsa {
 class SequentialTeam {
  public:
   static constexpr int size = 1;
+  static constexpr bool records_path = false;  // the vector relaxations below leave it out
+#if defined(__AVX512F__)
+  static constexpr int32_t kFirstMasked = 64;
+#else
+  static constexpr int32_t kFirstMasked = 0;
+#endif
   bool leader() const { return true; }
   void sync() const {}
 
@@ -51,16 +57,14 @@ class SequentialTeam {
 
   template <class Relax>
   LSA_HOT Key argmin(int32_t n, const Relax& relax, const double* val, const int32_t* rank) const {
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
     if constexpr (requires { relax.cost.row(relax.i); }) {
-      // (A wide row's first step has code of its own, which sets every column outright;
-      // with at most 64 columns the branch would cost more than the loads it saves.)
-      return n > 64 && relax.first ? argmin_rows<true>(n, relax, val, rank)
-                                   : argmin_rows<false>(n, relax, val, rank);
+      // The first step of a Dijkstra has code of its own (it sets every column
+      // outright), except with AVX-512 up to 64 columns, where a mask does it for less
+      // than the branch costs.
+      return relax.first && n > kFirstMasked ? argmin_rows<true>(n, relax, val, rank)
+                                             : argmin_rows<false>(n, relax, val, rank);
     }
-#endif
-#if defined(__AVX__)
-    if (n >= 8) return argmin_blocks(n, relax, val, rank);
 #endif
     double lowest = kInf;
     for (int32_t k = 0; k < n; ++k) {
@@ -74,78 +78,25 @@ class SequentialTeam {
     return best;
   }
 
-#if defined(__AVX__)
  private:
-  // Two passes over contiguous values, in blocks of eight columns: relax each block and
-  // keep the lowest value of each of eight lanes, then find the least tie rank among
-  // the columns at the lowest value (more than one is common: tight edges give exactly
-  // equal path costs, and integer costs tie by the hundred). The last block is shifted
-  // back to end at n, overlapping the one before: relaxing a column twice changes
-  // nothing, and neither does meeting its key twice. A NaN value (a scanned column) is
-  // skipped: minpd returns its second operand when the first is NaN. The sign of a
-  // zero minimum depends on the order of the comparisons, which is why argmin returns
-  // the winner's own value.
-  template <class Relax>
-  LSA_HOT Key argmin_blocks(int32_t n, const Relax& relax, const double* val,
-                            const int32_t* rank) const {
-    const double lowest = relax_blocks(n, relax, val);
-    if (lowest == kInf) return Key::none();
-    Key best = Key::none();
-    for (int32_t k = 0; k < n; k += 8) {
-      const int32_t b = std::min(k, n - 8);
-      const __m256d t = _mm256_set1_pd(lowest);
-      const int lo = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(val + b), t, _CMP_EQ_OQ));
-      const int hi = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(val + b + 4), t, _CMP_EQ_OQ));
-      for (int mask = lo | hi << 4; mask != 0; mask &= mask - 1) {
-        const int32_t q = b + __builtin_ctz(mask);
-        best = min_key(best, Key{val[q], rank[q], q});
-      }
-    }
-    return best;
-  }
-
-  // Pass 1: relaxes every column (the compiler vectorises relax over each block);
-  // returns the lowest value.
-  template <class Relax>
-  LSA_HOT static double relax_blocks(int32_t n, const Relax& relax, const double* val) {
-    __m256d lo0 = _mm256_set1_pd(kInf), lo1 = lo0;
-    const auto relax_block = [&](int32_t b) LSA_HOT_LAMBDA {
-      // relax(j) touches the state of column j only: no dependence between iterations.
-#pragma GCC unroll 1
-#pragma GCC ivdep
-      for (int32_t l = 0; l < 8; ++l) relax(b + l);
-      lo0 = _mm256_min_pd(_mm256_loadu_pd(val + b), lo0);
-      lo1 = _mm256_min_pd(_mm256_loadu_pd(val + b + 4), lo1);
-    };
-    for (int32_t b = 0; b + 8 <= n; b += 8) relax_block(b);
-    if (n % 8 != 0) relax_block(n - 8);
-    alignas(32) double lanes[8];
-    _mm256_store_pd(lanes, lo0);
-    _mm256_store_pd(lanes + 4, lo1);
-    double lowest = kInf;
-    for (double x : lanes) lowest = x < lowest ? x : lowest;
-    return lowest;
-  }
-
 #if defined(__AVX512F__)
-  // AVX-512 and a cost with contiguous rows: the same two passes, eight columns as one
-  // vector, with the operations of Relax::operator() (the same IEEE operations in the
-  // same order, so the same bits) and one masked store of the path entries. Up to 64
+  // AVX-512 and a cost with contiguous rows: two passes, eight columns as one vector,
+  // with the path-cost operations of Relax::operator() (the same IEEE operations in the
+  // same order, so the same bits); no path entries (records_path is false). Up to 64
   // columns, the scanned column's NaN is applied as its block is loaded, and the first
   // step of a Dijkstra relaxes against +inf (scipy's reset) in the same code as the
   // others (a code path of its own would cost a mispredicted branch in and out per
   // row, which at this size is most of a step). The last block is masked
   // instead of shifted (a load that straddles the block stored just before it waits
   // for that store to reach the cache): its lanes past n read no cost and v = -inf,
-  // so their path cost is +inf and they never win. v, spc, path and rank need room
-  // for n rounded up to 8 (Workspace). Pass 1 keeps the lowest values of each group of
-  // 64 columns, so that pass 2 looks only at the groups that hold the lowest value.
+  // so their path cost is +inf and they never win. v, spc and rank need room for n
+  // rounded up to 8 (Workspace). Pass 1 keeps the lowest values of each group of 64
+  // columns, so that pass 2 looks only at the groups that hold the lowest value.
   template <bool First, class Relax>
   LSA_HOT Key argmin_rows(int32_t n, const Relax& relax, const double* val,
                           const int32_t* rank) const {
     const auto* row = relax.cost.row(relax.i);
     const Workspace& w = relax.w;
-    const __m256i i = _mm256_set1_epi32(relax.i);
     const __m512d inf = _mm512_set1_pd(kInf);
     // Up to 64 columns, a first step's columns start from +inf (`fresh`) and the scanned
     // column's is NaN (`gone`), as masks of each block; wider rows have neither here.
@@ -154,13 +105,11 @@ class SequentialTeam {
       const __m512d v = _mm512_mask_loadu_pd(-inf, in, w.v + b);
       const __m512d r = ((relax.min_val + load8(row + b, in)) - relax.ui) - v;
       if constexpr (First) {  // every column set outright (scipy's reset to +inf, then r)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(w.path + b), i);
         _mm512_storeu_pd(w.spc + b, r);
         return r;
       }
       __m512d s = _mm512_mask_mov_pd(_mm512_loadu_pd(w.spc + b), fresh, inf);
       s = _mm512_mask_mov_pd(s, gone, _mm512_set1_pd(kNaN));
-      _mm256_mask_storeu_epi32(w.path + b, _mm512_cmp_pd_mask(r, s, _CMP_LT_OQ), i);
       const __m512d x = r < s ? r : s;
       _mm512_storeu_pd(w.spc + b, x);
       return x;
@@ -284,8 +233,118 @@ class SequentialTeam {
     return _mm512_maskz_cvtps_pd(0xff, _mm256_maskz_loadu_ps(in, p));
   }
 
-  mutable std::vector<double> group_low_;  // pass 1's lowest value of each lane, per 64 columns
+#elif defined(__AVX2__)
+  // AVX2 without AVX-512: the same two passes, eight columns as two vectors of four.
+  // The last block's lanes past n read no cost and v = -inf, as above. The scanned
+  // column's NaN is a plain store and the first step of a Dijkstra has code of its own
+  // (First) at every width: masks cost more than they save here (measured on a Zen 1,
+  // where a 256-bit operation is two). v and spc are read and written as aligned
+  // vectors: they start on a 32-byte boundary (Workspace).
+  template <bool First, class Relax>
+  LSA_HOT Key argmin_rows(int32_t n, const Relax& relax, const double* val,
+                          const int32_t* rank) const {
+    const auto* row = relax.cost.row(relax.i);
+    const Workspace& w = relax.w;
+    const __m256d inf = _mm256_set1_pd(kInf);
+    const __m256d min_val = _mm256_set1_pd(relax.min_val), ui = _mm256_set1_pd(relax.ui);
+    // Four columns from b; `in` (a lane mask) says which lie inside the row, when `tail`.
+    const auto relax4 = [&](int32_t b, bool tail = false,
+                            __m256i in = __m256i{}) LSA_HOT_LAMBDA {
+      __m256d v = _mm256_load_pd(w.v + b);
+      if (tail) v = _mm256_blendv_pd(-inf, v, _mm256_castsi256_pd(in));
+      const __m256d r = ((min_val + load4(row + b, tail, in)) - ui) - v;
+      // every column set outright on the first step (scipy's reset to +inf, then r);
+      // later, r where it is lower (minpd returns its second operand, a NaN included,
+      // unless the first is lower)
+      const __m256d x = First ? r : _mm256_min_pd(r, _mm256_load_pd(w.spc + b));
+      _mm256_store_pd(w.spc + b, x);
+      return x;
+    };
+    const auto lower = [](__m256d x, __m256d lo) LSA_HOT_LAMBDA { return x < lo ? x : lo; };
+    const int32_t full = n & ~7, tail = n & 7, groups = (n + 63) / 64;
+    const __m256i lane = _mm256_setr_epi64x(0, 1, 2, 3);
+    const __m256i in_lo = _mm256_cmpgt_epi64(_mm256_set1_epi64x(tail), lane);
+    const __m256i in_hi = _mm256_cmpgt_epi64(_mm256_set1_epi64x(tail - 4), lane);
+
+    // Pass 1, group by group (64 columns), with four running minima.
+    if (n > 256) {
+      const uintptr_t end = reinterpret_cast<uintptr_t>(row + n);
+      for (uintptr_t a = reinterpret_cast<uintptr_t>(row) & ~uintptr_t(63); a < end; a += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T1);
+    }
+    if (relax.scanned >= 0) w.spc[relax.scanned] = kNaN;
+    if (groups > 1 && int64_t(group_low_.size()) < 4 * groups) group_low_.resize(4 * groups);
+    __m256d lo = inf;
+    for (int32_t g = 0, b = 0; g < groups; ++g) {
+      __m256d x0 = inf, x1 = inf, x2 = inf, x3 = inf;
+      const int32_t end = std::min(b + 64, full);
+      for (; b + 16 <= end; b += 16) {
+        x0 = lower(relax4(b), x0), x1 = lower(relax4(b + 4), x1);
+        x2 = lower(relax4(b + 8), x2), x3 = lower(relax4(b + 12), x3);
+      }
+      if (b < end) x0 = lower(relax4(b), x0), x1 = lower(relax4(b + 4), x1), b += 8;
+      if (tail && g == groups - 1) {
+        x2 = lower(relax4(full, true, in_lo), x2), x3 = lower(relax4(full + 4, true, in_hi), x3);
+      }
+      const __m256d x = lower(lower(x0, x1), lower(x2, x3));
+      if (groups > 1) _mm256_storeu_pd(group_low_.data() + 4 * g, x);
+      lo = lower(x, lo);
+    }
+    lo = lower(_mm256_permute2f128_pd(lo, lo, 1), lo);
+    lo = lower(_mm256_permute_pd(lo, 5), lo);
+    if (lo[0] == kInf) return Key::none();
+
+    // Pass 2, as above; the keys of several columns at the lowest value are compared one
+    // by one (AVX2 has no 64-bit minimum).
+    const auto equal = [&](int32_t b) LSA_HOT_LAMBDA {
+      const __m256d a = _mm256_cmp_pd(_mm256_loadu_pd(val + b), lo, _CMP_EQ_OQ);
+      const __m256d c = _mm256_cmp_pd(_mm256_loadu_pd(val + b + 4), lo, _CMP_EQ_OQ);
+      return uint32_t(_mm256_movemask_pd(a) | _mm256_movemask_pd(c) << 4);
+    };
+    uint64_t least = UINT64_MAX;
+    const auto take = [&](int32_t b, uint32_t mask) LSA_HOT_LAMBDA {
+      for (; mask != 0; mask &= mask - 1) {
+        const int32_t q = b + __builtin_ctz(mask);
+        least = std::min(least, uint64_t(rank[q]) << 32 | uint32_t(q));
+      }
+    };
+    const auto reached = [&](int32_t g) LSA_HOT_LAMBDA {
+      if (groups == 1) return true;
+      const __m256d low = _mm256_loadu_pd(group_low_.data() + 4 * g);
+      return _mm256_movemask_pd(_mm256_cmp_pd(low, lo, _CMP_EQ_OQ)) != 0;
+    };
+    const auto group_end = [n](int32_t g) LSA_HOT_LAMBDA { return std::min(64 * g + 64, n); };
+    int32_t g = 0;
+    while (!reached(g)) ++g;
+    uint64_t bits = 0;  // the columns of group g at the lowest value
+    for (int32_t b = 64 * g; b < group_end(g); b += 8) bits |= uint64_t(equal(b)) << (b - 64 * g);
+    int32_t next = g + 1;
+    while (next < groups && !reached(next)) ++next;
+    if (next == groups && (bits & (bits - 1)) == 0) {
+      const int32_t col = 64 * g + __builtin_ctzll(bits);
+      return Key{val[col], rank[col], col};
+    }
+    for (int32_t b = 64 * g; b < group_end(g); b += 8) take(b, uint32_t(bits >> (b - 64 * g)) & 0xff);
+    for (; next < groups; ++next) {
+      if (!reached(next)) continue;
+      for (int32_t b = 64 * next; b < group_end(next); b += 8) take(b, equal(b));
+    }
+    const int32_t col = int32_t(uint32_t(least));
+    return Key{val[col], int32_t(least >> 32), col};
+  }
+
+  LSA_HOT static __m256d load4(const double* p, bool tail, __m256i in) {
+    return tail ? _mm256_maskload_pd(p, in) : _mm256_loadu_pd(p);
+  }
+  LSA_HOT static __m256d load4(const float* p, bool tail, __m256i in) {
+    // the low half of each 64-bit lane of `in` as a 32-bit lane mask
+    const __m128i in32 = _mm_castps_si128(_mm_shuffle_ps(
+        _mm256_castps256_ps128(_mm256_castsi256_ps(in)), _mm256_extractf128_ps(_mm256_castsi256_ps(in), 1), 0x88));
+    return _mm256_cvtps_pd(tail ? _mm_maskload_ps(p, in32) : _mm_loadu_ps(p));
+  }
 #endif
+#if defined(__AVX2__)
+  mutable std::vector<double> group_low_;  // pass 1's lowest value of each lane, per 64 columns
 #endif
 };
 
@@ -299,6 +358,7 @@ class SimulatedTeam {
   }
 
   const int size;
+  static constexpr bool records_path = true;
   bool leader() const { return true; }  // lanes run one after another: lane 0's writes suffice
   void sync() const {}
 

@@ -72,6 +72,7 @@ __device__ __forceinline__ bool lane_any(int32_t rank, int32_t stride, int32_t r
 class WarpTeam {
  public:
   static constexpr int size = kWarpSize;
+  static constexpr bool records_path = true;
 
   __device__ explicit WarpTeam(int lane) : lane_(lane) {}
 
@@ -108,6 +109,7 @@ class BlockTeam {
       : size(int(blockDim.x)), rank_(int(threadIdx.x)), scratch_(scratch), half_(0) {}
 
   const int size;  // a multiple of 32, at most 1024
+  static constexpr bool records_path = true;
 
   __device__ __forceinline__ bool leader() const { return rank_ == 0; }
   __device__ __forceinline__ void sync() const { __syncthreads(); }
