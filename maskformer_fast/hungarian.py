@@ -98,9 +98,14 @@ def _as_sizes(sizes, batch: int, device: torch.device) -> torch.Tensor | None:
 
 def _raise_for_status(status: torch.Tensor, batched: bool) -> None:
     """One host sync: raises ValueError with scipy's message for the first failed item."""
-    codes = (status if status.is_cpu else status.cpu()).numpy()
-    if not np.count_nonzero(codes):  # the common case, in a fraction of a microsecond
-        return
+    if status.shape[0] <= 256:  # a list: microseconds less than .numpy() on a new tensor
+        codes = status.tolist()
+        if not any(codes):  # the common case
+            return
+    else:
+        codes = (status if status.is_cpu else status.cpu()).numpy()
+        if not np.count_nonzero(codes):
+            return
     b = int(np.flatnonzero(codes)[0])
     message = _ops.STATUS_MESSAGES[int(codes[b])]
     raise ValueError(f"{message} (batch item {b})" if batched else message)
