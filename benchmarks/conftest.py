@@ -18,6 +18,8 @@ def machine_name() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    # the widest vectors the CPU has (the solver's code differs between AVX2 and AVX-512)
+    cpu += f" ({torch.backends.cpu.get_cpu_capability()})"
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {gpu}"
 
