@@ -2,7 +2,7 @@
 // identical problems (this machine's speed drifts too much for one run of each to tell).
 //
 //   g++ -O3 -march=native -fno-fast-math -ffp-contract=off -fno-trapping-math -std=c++20
-//       -I csrc/lsa benchmarks/lsa_harness.cpp -o /tmp/lsa_new   (one line)
+//       -pthread -I csrc/lsa benchmarks/lsa_harness.cpp -o /tmp/lsa_new   (one line)
 //   /tmp/lsa_new N M B REPS [INTEGERS [FILE]]
 //
 // solves B uniform float32 N x M problems (N <= M; integers in [0, 10) if INTEGERS is 1;
@@ -10,11 +10,14 @@
 // REPS times and prints the best time, with a hash of the assignments and the sum of the
 // duals: two builds that agree on both found the same matchings with the same duals. Build
 // the old version the same way from a checkout of it and run the two alternately.
+// With LSA_PAIR=1 in the environment each item is solved by a lsa::PairTeam of two threads;
+// with LSA_PAIR=K > 1, by two that part at step K.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <new>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "teams_cpu.h"
@@ -73,12 +76,30 @@ int main(int argc, char** argv) {
   const lsa::Workspace w{u.data(), v.data(), spc.data(), sval.data(), col4row.data(),
                          row4col.data(), path.data(), at.data(), rank.data()};
   lsa::SequentialTeam team;
+  // member 1 of a pair team: a workspace of its own
+  D u1(n + 8), v1(m + 8), spc1(m + 8), sval1(m + 8);
+  I col4row1(n + 8), row4col1(m + 8), path1(m + 8), at1(m + 8), rank1(m + 8);
+  const lsa::Workspace w1{u1.data(), v1.data(), spc1.data(), sval1.data(), col4row1.data(),
+                          row4col1.data(), path1.data(), at1.data(), rank1.data()};
+  const char* pair = std::getenv("LSA_PAIR");
+  const long pair_mode = pair ? std::atol(pair) : 0, part_at = pair_mode > 1 ? pair_mode : 0;
+  const auto solve = [&](const DenseCost& cost) {
+    if (pair_mode < 1) return lsa::solve(team, cost, n, m, w);
+    lsa::PairTeam::Exchange exchange;
+    const int32_t split = m / 2 / 8 * 8;
+    lsa::PairTeam first(exchange, 0, split, m, uint32_t(part_at)),
+        second(exchange, 1, split, m, uint32_t(part_at));
+    std::thread other([&] { lsa::solve(second, cost, n, m, w1); });
+    const int32_t result = lsa::solve(first, cost, n, m, w);
+    other.join();
+    return result;
+  };
   uint64_t hash = 0;
   double duals = 0, best = 1e30;
   for (int r = 0; r < reps; ++r) {
     const auto start = std::chrono::steady_clock::now();
     for (int b = 0; b < B; ++b) {
-      if (lsa::solve(team, DenseCost{data.data() + size_t(b) * n * ld, ld}, n, m, w) != lsa::kOk) {
+      if (solve(DenseCost{data.data() + size_t(b) * n * ld, ld}) != lsa::kOk) {
         std::fprintf(stderr, "item %d not solved\n", b);
         return 1;
       }

@@ -4,6 +4,7 @@ any architecture) may spill registers to local memory."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -95,7 +96,8 @@ def test_solver_harness_builds_and_runs(tmp_path):
     against csrc/lsa with the extension's flags for every instruction-set level, and the
     levels this CPU can run find the same matchings with bit-identical duals (the hash and
     the sum of the duals) on shapes with tails, ties, and more than 64 columns."""
-    flags = ["-O3", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math", "-std=c++20"]
+    flags = ["-O3", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math", "-std=c++20",
+             "-pthread"]
     shapes = (["6", "9", "3", "2"], ["70", "70", "2", "1", "1"], ["1", "1", "1", "1"],
               ["13", "50", "20", "1"], ["40", "40", "10", "1", "1"], ["20", "300", "3", "1"])
     runs, have = {}, cpu_flags()
@@ -113,6 +115,17 @@ def test_solver_harness_builds_and_runs(tmp_path):
             outs.append(out.split(" hash ")[1])
         assert subprocess.run([str(exe), "9", "6", "1", "1"], capture_output=True,
                               timeout=60).returncode == 2
+        # Two threads on one problem (lsa::PairTeam), together to the end or parting at a
+        # given step (member 0 goes on alone): the same matchings and duals, bit for bit.
+        for pair in ("1", "2", "37", "400"):
+            for args in (["300", "700", "1", "1"], ["600", "600", "1", "1", "1"], ["1", "9", "2", "1"]):
+                env = {**os.environ, "LSA_PAIR": "0"}
+                alone = subprocess.run([str(exe), *args], capture_output=True, text=True,
+                                       check=True, timeout=60, env=env).stdout
+                env["LSA_PAIR"] = pair
+                both = subprocess.run([str(exe), *args], capture_output=True, text=True,
+                                      check=True, timeout=60, env=env).stdout
+                assert both.split(" hash ")[1] == alone.split(" hash ")[1], (pair, args)
         runs[level] = outs
     assert runs, "this CPU runs none of the levels?"
     first = next(iter(runs.values()))

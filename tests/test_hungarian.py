@@ -186,6 +186,43 @@ def test_simulated_teams_identical(lanes):
             assert torch.equal(seq[3].view(torch.int64), sim[3].view(torch.int64))
 
 
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_single_wide_problem_on_two_threads(kind, two_threads):
+    """A single problem of 512 columns or more (after orientation) is solved by two threads
+    together (lsa::PairTeam): scipy's indices and statuses, and the duals of the simulated
+    team, bit for bit; the same with one thread. Tall (transposed and copied), maximised,
+    float32 read in place and NaN entries in either half of the rows are each one case.
+    (Parting mid-solve, which depends on timing, is forced in the harness: test_build.)"""
+    g = torch.Generator().manual_seed(11)
+    op = torch.ops.maskformer_fast.lsa_duals
+    for N, M, maximize in [(300, 700, False), (520, 520, True), (800, 530, False)]:
+        cost = random_costs(g, 1, N, M, kind)
+        assert_batch_matches_scipy(cost, maximize=maximize)
+        pair, sim = op(cost, None, maximize, 1), op(cost, None, maximize, 32)
+        torch.set_num_threads(1)
+        alone = op(cost, None, maximize, 1)
+        torch.set_num_threads(2)
+        for other in (sim, alone):
+            assert torch.equal(pair[0], other[0]) and torch.equal(pair[1], other[1])
+            assert torch.equal(pair[2].view(torch.int64), other[2].view(torch.int64))
+            assert torch.equal(pair[3].view(torch.int64), other[3].view(torch.int64))
+    cost = torch.rand(1, 600, 600, generator=g)  # float32, read in place: checked in halves
+    assert_batch_matches_scipy(cost)
+    for row in (5, 590):
+        bad = cost.clone()
+        bad[0, row, 7] = float("nan")
+        res = batch_linear_sum_assignment(bad, errors="status")
+        assert int(res.status[0]) == _ops.STATUS_INVALID, row
+
+
 @pytest.mark.parametrize("kind", ["uniform", "ties", "normal_wide", "forbidden"])
 def test_duals_certify_optimality(kind):
     """Independent check of the LP optimality conditions, from the duals alone:

@@ -190,6 +190,12 @@ std::vector<Item> read_items(const Tensor& cost, const std::optional<Tensor>& si
   return items;
 }
 
+// A single item with at least this many columns (after orientation) is solved by two
+// threads together (lsa::PairTeam) when two are free. Each step then costs one exchange
+// between the cores (about a tenth of a microsecond) and saves the relaxation of half the
+// columns; below a few hundred columns the exchange costs more than it saves.
+constexpr int32_t kPairCols = 512;
+
 // Solves every item; fills col4row [B, N] (-1 where unmatched), status [B], and,
 // when `u_out` is defined, the duals u [B, N] and v [B, M] in the caller's orientation.
 void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximize, int64_t lanes,
@@ -208,25 +214,81 @@ void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximi
   const int64_t grabs = (B + grain - 1) / grain;
   std::atomic<int64_t> next{0};
 
+  // Item b's results, from its workspace.
+  const auto finish = [&](int64_t b, int32_t result, const lsa::Workspace& w) {
+    const Item& it = items[b];
+    st[b] = result;
+    if (result != lsa::kOk) return;
+    int64_t* out = c4r + b * N;
+    if (!it.transpose) {
+      for (int32_t i = 0; i < it.rows(); ++i) out[i] = w.col4row[i];
+    } else {
+      for (int32_t i = 0; i < it.rows(); ++i) out[w.col4row[i]] = i;
+    }
+    if (uo) {
+      const double* ur = it.transpose ? w.v : w.u;
+      const double* vc = it.transpose ? w.u : w.v;
+      for (int64_t r = 0; r < it.n; ++r) uo[b * N + r] = ur[r];
+      for (int64_t c = 0; c < it.m; ++c) vo[b * M + c] = vc[c];
+    }
+  };
+
   AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, cost.scalar_type(), "lsa_cpu", [&] {
     using T = Stored<scalar_t>;
     const scalar_t* base = cost.const_data_ptr<scalar_t>();
     const int64_t s0 = cost.stride(0), s1 = cost.stride(1), s2 = cost.stride(2);
+    // Item b as the solver reads it: in place, or copied (oriented, negated) into
+    // `scratch`; sets `valid` and `checked` (a copy checks its entries as it goes).
+    const auto view_of = [&](int64_t b, Scratch<T>& scratch, bool& valid, bool& checked) {
+      const Item& it = items[b];
+      DenseCost<T> view{nullptr, s1};
+      if (!it.transpose && !maximize && s2 == 1) view.data = as_stored<T>(base + b * s0);
+      valid = true, checked = false;
+      if (view.data == nullptr) {
+        T* copy = scratch.item(it.rows(), it.cols());
+        valid = load_oriented(base + b * s0, s1, s2, it, maximize, copy, scratch.ld(it.cols()));
+        checked = true;
+        view = {copy, scratch.ld(it.cols())};
+      }
+      return view;
+    };
+
+#if AT_PARALLEL_OPENMP  // (another backend may run both halves on one thread, one after the other)
+    if (B == 1 && lanes <= 1 && items[0].cols() >= kPairCols && at::get_num_threads() >= 2 &&
+        !at::in_parallel_region()) {
+      const int32_t n = items[0].rows(), m = items[0].cols();
+      Scratch<T> shared, own[2];
+      bool valid, checked;
+      const DenseCost<T> view = view_of(0, shared, valid, checked);
+      if (!valid) {
+        finish(0, lsa::kInvalid, lsa::Workspace{});
+        return;
+      }
+      // Everything allocated before the threads start: a member that threw would leave
+      // the other waiting for its keys.
+      lsa::PairTeam::Exchange exchange;
+      const int32_t split = (m / 2 + 63) / 64 * 64;  // on a group of 64 columns
+      const lsa::Workspace ws[2] = {own[0].workspace(n, m), own[1].workspace(n, m)};
+      lsa::PairTeam teams[2] = {{exchange, 0, split, m}, {exchange, 1, split, m}};
+      at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+        if (end - begin == 2) {  // one thread after all: alone
+          finish(0, lsa::solve(own[0].team, view, n, m, ws[0], checked), ws[0]);
+          return;
+        }
+        const int32_t result = lsa::solve(teams[begin], view, n, m, ws[begin], checked);
+        if (begin == 0) finish(0, result, ws[0]);
+      });
+      return;
+    }
+#endif
+
     at::parallel_for(0, std::min<int64_t>(grabs, at::get_num_threads()), 1, [&](int64_t, int64_t) {
       Scratch<T> scratch;
       for (int64_t begin; (begin = next.fetch_add(grain, std::memory_order_relaxed)) < B;) {
         for (int64_t b = begin; b < std::min(B, begin + grain); ++b) {
-          const Item& it = items[b];
-          const int32_t n = it.rows(), m = it.cols();
-          DenseCost<T> view{nullptr, s1};
-          if (!it.transpose && !maximize && s2 == 1) view.data = as_stored<T>(base + b * s0);
-          bool checked = false, valid = true;  // a copy checks its entries as it goes
-          if (view.data == nullptr) {
-            T* copy = scratch.item(n, m);
-            valid = load_oriented(base + b * s0, s1, s2, it, maximize, copy, scratch.ld(m));
-            checked = true;
-            view = {copy, scratch.ld(m)};
-          }
+          bool valid, checked;
+          const DenseCost<T> view = view_of(b, scratch, valid, checked);
+          const int32_t n = items[b].rows(), m = items[b].cols();
           const lsa::Workspace w = scratch.workspace(n, m);
           int32_t result = lsa::kInvalid;
           if (valid && lanes <= 1) {
@@ -235,21 +297,7 @@ void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximi
             lsa::SimulatedTeam team{int(lanes)};
             result = lsa::solve(team, view, n, m, w, checked);
           }
-          st[b] = result;
-          int64_t* out = c4r + b * N;
-          if (result == lsa::kOk) {
-            if (!it.transpose) {
-              for (int32_t i = 0; i < n; ++i) out[i] = w.col4row[i];
-            } else {
-              for (int32_t i = 0; i < n; ++i) out[w.col4row[i]] = i;
-            }
-          }
-          if (uo && result == lsa::kOk) {
-            const double* ur = it.transpose ? w.v : w.u;
-            const double* vc = it.transpose ? w.u : w.v;
-            for (int64_t r = 0; r < it.n; ++r) uo[b * N + r] = ur[r];
-            for (int64_t c = 0; c < it.m; ++c) vo[b * M + c] = vc[c];
-          }
+          finish(b, result, w);
         }
       }
     });

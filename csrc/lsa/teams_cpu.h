@@ -1,6 +1,8 @@
 // CPU teams for lsa::solve.
 //
 // SequentialTeam: one lane; the production CPU path.
+// PairTeam:       two threads on one problem, each with a workspace of its own; the CPU
+//                 path for a single wide problem when two threads are free.
 // SimulatedTeam:  `lanes` emulated lanes, reduced in the order the CUDA teams use
 //                 (a __shfl_xor_sync butterfly inside each warp of 32, then the warp
 //                 results through shared scratch and a second butterfly). Used by the
@@ -8,6 +10,8 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <stdexcept>
 #include <vector>
 
@@ -27,6 +31,10 @@
 #define LSA_HOT_LAMBDA __attribute__((always_inline))
 
 namespace lsa {
+
+struct alignas(64) CacheLine {
+  double x[8];
+};
 
 class SequentialTeam {
  public:
@@ -57,23 +65,32 @@ class SequentialTeam {
 
   template <class Relax>
   LSA_HOT Key argmin(int32_t n, const Relax& relax, const double* val, const int32_t* rank) const {
+    return argmin_range(0, n, relax, val, rank);
+  }
+
+ protected:
+  // argmin over the columns [from, to) only (from a multiple of 8).
+  template <class Relax>
+  LSA_HOT Key argmin_range(int32_t from, int32_t to, const Relax& relax, const double* val,
+                           const int32_t* rank) const {
 #if defined(__AVX2__)
     if constexpr (requires { relax.cost.row(relax.i); }) {
       // The first step of a Dijkstra has code of its own (it sets every column
       // outright), except with AVX-512 up to 64 columns, where a mask does it for less
       // than the branch costs.
-      return relax.first && n > kFirstMasked ? argmin_rows<true>(n, relax, val, rank)
-                                             : argmin_rows<false>(n, relax, val, rank);
+      const int32_t n = to - from;
+      return relax.first && n > kFirstMasked ? argmin_rows<true>(from, n, relax, val, rank)
+                                             : argmin_rows<false>(from, n, relax, val, rank);
     }
 #endif
     double lowest = kInf;
-    for (int32_t k = 0; k < n; ++k) {
+    for (int32_t k = from; k < to; ++k) {
       relax(k);
       lowest = val[k] < lowest ? val[k] : lowest;
     }
     Key best = Key::none();
     if (lowest == kInf) return best;
-    for (int32_t k = 0; k < n; ++k)
+    for (int32_t k = from; k < to; ++k)
       if (val[k] == lowest) best = min_key(best, Key{val[k], rank[k], k});
     return best;
   }
@@ -131,10 +148,12 @@ class SequentialTeam {
   // rounded up to 8 (Workspace). Pass 1 keeps the lowest values of each group of 64
   // columns, so that pass 2 looks only at the groups that hold the lowest value.
   template <bool First, class Relax>
-  LSA_HOT Key argmin_rows(int32_t n, const Relax& relax, const double* val,
+  LSA_HOT Key argmin_rows(int32_t from, int32_t n, const Relax& relax, const double* val,
                           const int32_t* rank) const {
-    const auto* row = relax.cost.row(relax.i);
-    const Workspace& w = relax.w;
+    // columns from + [0, n): every pointer shifted by `from`, and the column found back
+    const auto* row = relax.cost.row(relax.i) + from;
+    Workspace w = relax.w;
+    w.v += from, w.spc += from, val += from, rank += from;
     const __m512d inf = _mm512_set1_pd(kInf);
     // Up to 64 columns, a first step's columns start from +inf (`fresh`) and the scanned
     // column's is NaN (`gone`), as masks of each block; wider rows have neither here.
@@ -162,11 +181,11 @@ class SequentialTeam {
     if (n > 256) prefetch_row(row, n);
     __m512d lo = inf;
     const int32_t groups = (n + 63) / 64;
+    double* const group_low = groups > 1 ? group_lows(8 * groups) : nullptr;
     if (groups > 1) {
       // The scanned column's NaN as a plain store: among many blocks, the one that holds
       // it is rarely loaded soon enough to wait for the store.
-      if (relax.scanned >= 0) w.spc[relax.scanned] = kNaN;
-      if (int64_t(group_low_.size()) < 8 * groups) group_low_.resize(8 * groups);
+      if (relax.scanned >= 0) relax.w.spc[relax.scanned] = kNaN;
       int32_t b = 0, g = 0;
       for (; b + 64 <= n; b += 64, ++g) {
         // Four running minima: consecutive blocks do not wait for each other.
@@ -176,19 +195,20 @@ class SequentialTeam {
         x0 = lower(relax_block(b + 32, 0xff), x0), x1 = lower(relax_block(b + 40, 0xff), x1);
         x2 = lower(relax_block(b + 48, 0xff), x2), x3 = lower(relax_block(b + 56, 0xff), x3);
         const __m512d x = lower(lower(x0, x1), lower(x2, x3));
-        _mm512_storeu_pd(group_low_.data() + 8 * g, x);
+        _mm512_storeu_pd(group_low + 8 * g, x);
         lo = lower(x, lo);
       }
       if (b < n) {
         __m512d x = inf;
         for (; b < full; b += 8) x = lower(relax_block(b, 0xff), x);
         if (tail) x = lower(relax_block(full, tail), x);
-        _mm512_storeu_pd(group_low_.data() + 8 * g, x);
+        _mm512_storeu_pd(group_low + 8 * g, x);
         lo = lower(x, lo);
       }
     } else {
       // The scanned column's NaN as a mask of each block, applied as it is loaded.
-      const uint64_t gone = relax.scanned >= 0 ? uint64_t(1) << relax.scanned : 0;
+      const int32_t scanned = relax.scanned - from;
+      const uint64_t gone = scanned >= 0 && scanned < n ? uint64_t(1) << scanned : 0;
       const __mmask8 fresh = relax.first ? 0xff : 0;
       __m512d lo2 = inf;  // two running minima: consecutive blocks do not wait for each other
       int32_t b = 0;
@@ -226,10 +246,10 @@ class SequentialTeam {
     // least key among all of them does (walk_groups).
     const auto reached = [&](int32_t g) LSA_HOT_LAMBDA {
       if (groups == 1) return true;
-      return _mm512_cmp_pd_mask(_mm512_loadu_pd(group_low_.data() + 8 * g), lo, _CMP_EQ_OQ) != 0;
+      return _mm512_cmp_pd_mask(_mm512_loadu_pd(group_low + 8 * g), lo, _CMP_EQ_OQ) != 0;
     };
     if (const int32_t col = walk_groups(n, groups, equal, reached, take); col >= 0) {
-      return Key{val[col], rank[col], col};
+      return Key{val[col], rank[col], from + col};
     }
     Keys k = __builtin_shufflevector(least, least, 4, 5, 6, 7, 0, 1, 2, 3);
     least = k < least ? k : least;
@@ -238,7 +258,7 @@ class SequentialTeam {
     k = __builtin_shufflevector(least, least, 1, 0, 3, 2, 5, 4, 7, 6);
     least = k < least ? k : least;
     const int32_t col = int32_t(least[0]);
-    return Key{val[col], int32_t(least[0] >> 32), col};
+    return Key{val[col], int32_t(least[0] >> 32), from + col};
   }
 
   // GCC 12's _mm512_cvtps_pd raises a false "maybe uninitialized" warning; the masked
@@ -258,10 +278,12 @@ class SequentialTeam {
   // where a 256-bit operation is two). v and spc are read and written as aligned
   // vectors: they start on a 32-byte boundary (Workspace).
   template <bool First, class Relax>
-  LSA_HOT Key argmin_rows(int32_t n, const Relax& relax, const double* val,
+  LSA_HOT Key argmin_rows(int32_t from, int32_t n, const Relax& relax, const double* val,
                           const int32_t* rank) const {
-    const auto* row = relax.cost.row(relax.i);
-    const Workspace& w = relax.w;
+    // columns from + [0, n): every pointer shifted by `from`, and the column found back
+    const auto* row = relax.cost.row(relax.i) + from;
+    Workspace w = relax.w;
+    w.v += from, w.spc += from, val += from, rank += from;
     const __m256d inf = _mm256_set1_pd(kInf);
     const __m256d min_val = _mm256_set1_pd(relax.min_val), ui = _mm256_set1_pd(relax.ui);
     // Four columns from b; `in` (a lane mask) says which lie inside the row, when `tail`.
@@ -285,8 +307,8 @@ class SequentialTeam {
 
     // Pass 1, group by group (64 columns), with four running minima.
     if (n > 256) prefetch_row(row, n);
-    if (relax.scanned >= 0) w.spc[relax.scanned] = kNaN;
-    if (groups > 1 && int64_t(group_low_.size()) < 4 * groups) group_low_.resize(4 * groups);
+    if (relax.scanned >= 0) relax.w.spc[relax.scanned] = kNaN;
+    double* const group_low = groups > 1 ? group_lows(4 * groups) : nullptr;
     __m256d lo = inf;
     for (int32_t g = 0, b = 0; g < groups; ++g) {
       __m256d x0 = inf, x1 = inf, x2 = inf, x3 = inf;
@@ -300,7 +322,7 @@ class SequentialTeam {
         x2 = lower(relax4(full, true, in_lo), x2), x3 = lower(relax4(full + 4, true, in_hi), x3);
       }
       const __m256d x = lower(lower(x0, x1), lower(x2, x3));
-      if (groups > 1) _mm256_storeu_pd(group_low_.data() + 4 * g, x);
+      if (groups > 1) _mm256_storeu_pd(group_low + 4 * g, x);
       lo = lower(x, lo);
     }
     lo = lower(_mm256_permute2f128_pd(lo, lo, 1), lo);
@@ -323,14 +345,14 @@ class SequentialTeam {
     };
     const auto reached = [&](int32_t g) LSA_HOT_LAMBDA {
       if (groups == 1) return true;
-      const __m256d low = _mm256_loadu_pd(group_low_.data() + 4 * g);
+      const __m256d low = _mm256_loadu_pd(group_low + 4 * g);
       return _mm256_movemask_pd(_mm256_cmp_pd(low, lo, _CMP_EQ_OQ)) != 0;
     };
     if (const int32_t col = walk_groups(n, groups, equal, reached, take); col >= 0) {
-      return Key{val[col], rank[col], col};
+      return Key{val[col], rank[col], from + col};
     }
     const int32_t col = int32_t(uint32_t(least));
-    return Key{val[col], int32_t(least >> 32), col};
+    return Key{val[col], int32_t(least >> 32), from + col};
   }
 
   LSA_HOT static __m256d load4(const double* p, bool tail, __m256i in) {
@@ -344,8 +366,127 @@ class SequentialTeam {
   }
 #endif
 #if defined(__AVX2__)
-  mutable std::vector<double> group_low_;  // pass 1's lowest value of each lane, per 64 columns
+  // Pass 1's lowest value of each lane, per group of 64 columns, in whole cache lines of
+  // their own (the two threads of a PairTeam write theirs every step).
+  mutable std::vector<CacheLine> group_low_;
+  LSA_HOT double* group_lows(int32_t size) const {
+    if (int64_t(group_low_.size()) * 8 < size) group_low_.resize((size + 7) / 8);
+    return group_low_.data()->x;
+  }
 #endif
+
+ protected:
+  // Room for m columns, so that argmin allocates nothing.
+  void reserve(int32_t m) {
+#if defined(__AVX2__)
+    group_lows(8 * ((m + 63) / 64 + 1));
+#endif
+    (void)m;
+  }
+};
+
+// One of two threads that solve one problem together. Each runs the whole solver on a
+// workspace of its own; only argmin (and the check of the entries) is shared: member 0
+// relaxes the columns [0, split), member 1 [split, m), and the two swap their best
+// keys, so that both pick the same column (the keys are totally ordered) and go on
+// identically. The scalar work between relaxations (the scan list, the duals, the
+// augmentation) is done twice, which costs less than handing its results over would.
+//
+// One swap a step: a key written to a cache line of one's own, the other's read once
+// it carries this step's number. Each member writes two such lines, by step parity, so
+// that a key is never overwritten before the other has read it (a member cannot be two
+// steps ahead). Both threads must run at once (the caller's OpenMP team does that); a
+// member waits for the other spinning a while, then asleep on the step number.
+//
+// Two threads only pay when both cores are free: a member that waits for the other
+// longer than it works (the other core busy with a data loader, or a virtual machine's
+// second core shared with another) votes to part, with its key. From the next Dijkstra
+// on (only then is a member's workspace complete) member 0 goes on alone over every
+// column, and member 1 stops (its argmin finds nothing: its solve ends as infeasible,
+// a result nobody reads).
+class alignas(64) PairTeam : public SequentialTeam {  // (its counts change every step:
+                                                      // a cache line of its own)
+ public:
+  struct Exchange {
+    struct alignas(64) Slot {
+      std::atomic<uint32_t> step{0};
+      Key key;
+      bool part;  // this member's vote to part
+    };
+    Slot slot[2][2];  // [member][step parity]
+  };
+
+  // part_at: for tests, a step at which this member votes to part whatever the times
+  PairTeam(Exchange& exchange, int member, int32_t split, int32_t m, uint32_t part_at = 0)
+      : exchange_(exchange), member_(member), split_(split), part_at_(part_at) {
+    reserve(m);
+  }
+
+  template <class Relax>
+  Key argmin(int32_t n, const Relax& relax, const double* val, const int32_t* rank) {
+    if (relax.first && parting_) alone_ = true;
+    if (alone_) return member_ == 0 ? argmin_range(0, n, relax, val, rank) : Key::none();
+    const int32_t split = std::min(split_, n);
+    const Key mine = member_ == 0 ? argmin_range(0, split, relax, val, rank)
+                                  : argmin_range(split, n, relax, val, rank);
+    return min_key(mine, swap(mine));
+  }
+
+  // Each member looks at half of the rows.
+  template <class Pred>
+  bool any(int32_t rows, int32_t cols, Pred&& pred) {
+    const int32_t half = rows / 2, first = member_ == 0 ? 0 : half;
+    const bool found = SequentialTeam::any(member_ == 0 ? half : rows - half, cols,
+                                           [&](int32_t i, int32_t j) { return pred(first + i, j); });
+    return swap(Key{double(found), 0, 0}).value != 0 || found;
+  }
+
+  // Whether the two parted (member 0 finished alone).
+  bool parted() const { return alone_; }
+
+ private:
+  // Hands this member's key to the other and returns the other's.
+  const Key& swap(const Key& mine) {
+    const int64_t arrived = ticks();
+    work_ += arrived - left_;
+    ++step_;
+    auto& out = exchange_.slot[member_][step_ & 1];
+    out.key = mine;
+    out.part = step_ == part_at_ || ((step_ & 255) == 0 && wait_ > work_);  // (the last 256 steps)
+    if ((step_ & 255) == 0) work_ = wait_ = 0;
+    out.step.store(step_, std::memory_order_release);
+    out.step.notify_one();
+    const auto& in = exchange_.slot[1 - member_][step_ & 1];
+    for (int spins = 0; in.step.load(std::memory_order_acquire) != step_; ++spins) {
+      if (spins < 4096) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      } else {
+        in.step.wait(step_ - 2, std::memory_order_acquire);
+      }
+    }
+    parting_ = parting_ || out.part || in.part;
+    left_ = ticks();
+    wait_ += left_ - arrived;
+    return in.key;
+  }
+
+  static int64_t ticks() {
+#if defined(__x86_64__) || defined(__i386__)
+    return int64_t(__builtin_ia32_rdtsc());
+#else
+    return std::chrono::steady_clock::now().time_since_epoch().count();
+#endif
+  }
+
+  Exchange& exchange_;
+  const int member_;
+  const int32_t split_;
+  const uint32_t part_at_;
+  uint32_t step_ = 0;
+  int64_t left_ = ticks(), work_ = 0, wait_ = 0;  // when the last swap ended; since the last vote
+  bool parting_ = false, alone_ = false;
 };
 
 class SimulatedTeam {
