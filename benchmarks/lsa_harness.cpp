@@ -86,9 +86,7 @@ int main(int argc, char** argv) {
   const auto solve = [&](const DenseCost& cost) {
     if (pair_mode < 1) return lsa::solve(team, cost, n, m, w);
     lsa::PairTeam::Exchange exchange;
-    const int32_t split = m / 2 / 8 * 8;
-    lsa::PairTeam first(exchange, 0, split, m, uint32_t(part_at)),
-        second(exchange, 1, split, m, uint32_t(part_at));
+    lsa::PairTeam first(exchange, 0, m, uint32_t(part_at)), second(exchange, 1, m, uint32_t(part_at));
     std::thread other([&] { lsa::solve(second, cost, n, m, w1); });
     const int32_t result = lsa::solve(first, cost, n, m, w);
     other.join();

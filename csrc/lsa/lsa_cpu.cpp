@@ -267,9 +267,8 @@ void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximi
       // Everything allocated before the threads start: a member that threw would leave
       // the other waiting for its keys.
       lsa::PairTeam::Exchange exchange;
-      const int32_t split = (m / 2 + 63) / 64 * 64;  // on a group of 64 columns
       const lsa::Workspace ws[2] = {own[0].workspace(n, m), own[1].workspace(n, m)};
-      lsa::PairTeam teams[2] = {{exchange, 0, split, m}, {exchange, 1, split, m}};
+      lsa::PairTeam teams[2] = {{exchange, 0, m}, {exchange, 1, m}};
       at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
         if (end - begin == 2) {  // one thread after all: alone
           finish(0, lsa::solve(own[0].team, view, n, m, ws[0], checked), ws[0]);

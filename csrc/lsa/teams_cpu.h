@@ -416,9 +416,10 @@ class alignas(64) PairTeam : public SequentialTeam {  // (its counts change ever
     Slot slot[2][2];  // [member][step parity]
   };
 
-  // part_at: for tests, a step at which this member votes to part whatever the times
-  PairTeam(Exchange& exchange, int member, int32_t split, int32_t m, uint32_t part_at = 0)
-      : exchange_(exchange), member_(member), split_(split), part_at_(part_at) {
+  // For a problem of m columns; part_at: for tests, a step at which this member votes to
+  // part whatever the times.
+  PairTeam(Exchange& exchange, int member, int32_t m, uint32_t part_at = 0)
+      : exchange_(exchange), member_(member), split_((m / 2 + 63) / 64 * 64), part_at_(part_at) {
     reserve(m);
   }
 
@@ -482,7 +483,7 @@ class alignas(64) PairTeam : public SequentialTeam {  // (its counts change ever
 
   Exchange& exchange_;
   const int member_;
-  const int32_t split_;
+  const int32_t split_;  // on a group of 64 columns
   const uint32_t part_at_;
   uint32_t step_ = 0;
   int64_t left_ = ticks(), work_ = 0, wait_ = 0;  // when the last swap ended; since the last vote
