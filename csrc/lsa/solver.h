@@ -213,6 +213,10 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
       min_val = best.value;
       if (min_val == kInf) return kInfeasible;
       const int32_t j = best.col;
+      if (first && w.row4col[j] < 0) {  // a free column at once: see below
+        sink = j;
+        break;
+      }
       if (w.row4col[j] < 0) {
         sink = j;
       } else {
@@ -229,6 +233,21 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
       scanned = j;
       --nrem;
       team.sync();
+    }
+
+    // The common case while many columns are free: the Dijkstra was one step, to a free
+    // column. What follows then reduces to a few stores: the sink's path cost is min_val,
+    // so its dual does not change, and the scan list was not touched; the sink, now
+    // matched, takes the rank of a matched column at its position.
+    if (nrem == m) {
+      if (team.leader()) {
+        w.u[cur] += min_val;
+        w.row4col[sink] = cur;
+        w.col4row[cur] = sink;
+        w.rank[sink] = tie_rank(m - 1 - sink, false, m);
+      }
+      team.sync();
+      continue;
     }
 
     if constexpr (!Team::records_path) {
