@@ -240,6 +240,7 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
     // so its dual does not change, and the scan list was not touched; the sink, now
     // matched, takes the rank of a matched column at its position.
     if (nrem == m) {
+      team.sync();  // (every lane has read row4col[sink] before the leader writes it)
       if (team.leader()) {
         w.u[cur] += min_val;
         w.row4col[sink] = cur;

@@ -453,18 +453,21 @@ class alignas(64) PairTeam : public SequentialTeam {  // (its counts change ever
     ++step_;
     auto& out = exchange_.slot[member_][step_ & 1];
     out.key = mine;
-    out.part = step_ == part_at_ || ((step_ & 255) == 0 && wait_ > work_);  // (the last 256 steps)
-    if ((step_ & 255) == 0) work_ = wait_ = 0;
+    out.part = (part_at_ != 0 && step_ == part_at_) || ((step_ & 255) == 0 && wait_ > work_);
+    if ((step_ & 255) == 0) work_ = wait_ = 0;  // (votes over the last 256 steps)
     out.step.store(step_, std::memory_order_release);
     out.step.notify_one();
     const auto& in = exchange_.slot[1 - member_][step_ & 1];
-    for (int spins = 0; in.step.load(std::memory_order_acquire) != step_; ++spins) {
+    for (int spins = 0;;) {
+      const uint32_t seen = in.step.load(std::memory_order_acquire);
+      if (seen == step_) break;
       if (spins < 4096) {
+        ++spins;
 #if defined(__x86_64__) || defined(__i386__)
         __builtin_ia32_pause();
 #endif
       } else {
-        in.step.wait(step_ - 2, std::memory_order_acquire);
+        in.step.wait(seen, std::memory_order_acquire);
       }
     }
     parting_ = parting_ || out.part || in.part;
