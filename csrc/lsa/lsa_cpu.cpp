@@ -287,7 +287,8 @@ void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximi
 #endif
 
     at::parallel_for(0, std::min<int64_t>(grabs, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-      Scratch<T> scratch;
+      // Kept by each thread between calls (no allocation, no zeroing per call), unless large.
+      thread_local Scratch<T> scratch;
       for (int64_t begin; (begin = next.fetch_add(grain, std::memory_order_relaxed)) < B;) {
         for (int64_t b = begin; b < std::min(B, begin + grain); ++b) {
           bool valid, checked;
@@ -304,6 +305,7 @@ void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximi
           finish(b, result, w);
         }
       }
+      if (scratch.cost.size() + scratch.state.size() > (size_t(4) << 20)) scratch = Scratch<T>();
     });
   });
 }
