@@ -18,7 +18,11 @@ TORCH_LIBRARY(maskformer_fast, m) {
   // cost [B, N, M] (any real dtype, any strides); sizes [B, 2] int64 or None: item b
   // is cost[b, :sizes[b, 0], :sizes[b, 1]]. Returns col4row [B, N] int64 (-1 where a
   // row is unmatched or padding) and status [B] int32 (0 ok, 1 infeasible, 2 invalid).
-  m.def("lsa(Tensor cost, Tensor? sizes, bool maximize) -> (Tensor col4row, Tensor status)");
+  // raise_errors: raise ValueError with scipy's message and the index of the first item
+  // that failed instead (errors="raise"; on CUDA that reads the statuses on the host).
+  m.def(
+      "lsa(Tensor cost, Tensor? sizes, bool maximize, bool raise_errors=False) -> "
+      "(Tensor col4row, Tensor status)");
   // The same, also returning the optimal duals u [B, N], v [B, M] (float64) of the
   // minimisation (of -cost when maximize), with `lanes` = 1 for the production team or
   // a power of two up to 1024 for a simulated multi-lane team. For tests and diagnostics.

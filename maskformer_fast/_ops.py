@@ -29,7 +29,7 @@ BACKENDS = ("auto", "cpu", "cuda", "scipy")
 if _LOAD_ERROR is None:
 
     @torch.library.register_fake("maskformer_fast::lsa")
-    def _lsa_fake(cost, sizes, maximize):
+    def _lsa_fake(cost, sizes, maximize, raise_errors=False):
         batch, rows = cost.shape[0], cost.shape[1]
         return cost.new_empty((batch, rows), dtype=torch.int64), cost.new_empty(
             (batch,), dtype=torch.int32
@@ -107,11 +107,34 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "scipy"
 
 
-def lsa(cost: torch.Tensor, sizes: torch.Tensor | None, maximize: bool, backend: str):
-    """Runs the batched op on the chosen backend: (col4row [B, N] int64, status [B] int32)."""
+def lsa(
+    cost: torch.Tensor, sizes: torch.Tensor | None, maximize: bool, backend: str, raise_errors=False
+):
+    """Runs the batched op on the chosen backend: (col4row [B, N] int64, status [B] int32).
+    raise_errors: raise ValueError for the first failed item instead (raise_for_status)."""
     if backend != "scipy":
-        return torch.ops.maskformer_fast.lsa(cost, sizes, maximize)
-    return _lsa_scipy(cost, sizes, maximize)
+        # (the op's own check: no Python after the solve, where each step costs most)
+        return torch.ops.maskformer_fast.lsa(cost, sizes, maximize, raise_errors)
+    col4row, status = _lsa_scipy(cost, sizes, maximize)
+    if raise_errors:
+        raise_for_status(status, batched=True)
+    return col4row, status
+
+
+def raise_for_status(status: torch.Tensor, batched: bool) -> None:
+    """One host sync: raises ValueError with scipy's message for the first failed item
+    (the op's raise_errors does the same in C++, csrc/lsa/status.h)."""
+    if status.shape[0] <= 256:  # a list: microseconds less than .numpy() on a new tensor
+        codes = status.tolist()
+        if not any(codes):  # the common case
+            return
+    else:
+        codes = (status if status.is_cpu else status.cpu()).numpy()
+        if not np.count_nonzero(codes):
+            return
+    b = int(np.flatnonzero(codes)[0])
+    message = STATUS_MESSAGES[int(codes[b])]
+    raise ValueError(f"{message} (batch item {b})" if batched else message)
 
 
 def _lsa_scipy(cost: torch.Tensor, sizes: torch.Tensor | None, maximize: bool):

@@ -86,6 +86,9 @@ def _as_tensor(cost: ArrayLike, ndim: int, what: str) -> tuple[torch.Tensor, boo
 def _as_sizes(sizes, batch: int, device: torch.device) -> torch.Tensor:
     """sizes as an int64 [B, 2] tensor on the cost's device. Only metadata is checked here
     (no host sync); the op checks each item's range (the CUDA kernel reports status 3)."""
+    if (type(sizes) is torch.Tensor and sizes.dtype is torch.int64 and sizes.shape == (batch, 2)
+            and sizes.device == device):
+        return sizes  # the common case first, as in _as_tensor
     s = sizes if isinstance(sizes, torch.Tensor) else torch.as_tensor(np.asarray(sizes))
     if s.dtype.is_floating_point or s.dtype.is_complex or s.dtype == torch.bool:
         raise TypeError(f"sizes must hold integers, got dtype {s.dtype}")
@@ -94,21 +97,6 @@ def _as_sizes(sizes, batch: int, device: torch.device) -> torch.Tensor:
     if s.dtype == torch.int64 and s.device == device:
         return s
     return s.to(device=device, dtype=torch.int64, non_blocking=True)
-
-
-def _raise_for_status(status: torch.Tensor, batched: bool) -> None:
-    """One host sync: raises ValueError with scipy's message for the first failed item."""
-    if status.shape[0] <= 256:  # a list: microseconds less than .numpy() on a new tensor
-        codes = status.tolist()
-        if not any(codes):  # the common case
-            return
-    else:
-        codes = (status if status.is_cpu else status.cpu()).numpy()
-        if not np.count_nonzero(codes):
-            return
-    b = int(np.flatnonzero(codes)[0])
-    message = _ops.STATUS_MESSAGES[int(codes[b])]
-    raise ValueError(f"{message} (batch item {b})" if batched else message)
 
 
 def batch_linear_sum_assignment(
@@ -140,14 +128,14 @@ def batch_linear_sum_assignment(
     if errors not in ("raise", "status"):
         raise ValueError(f"errors must be 'raise' or 'status', got {errors!r}")
     # Python here runs with caches full of the solver's data (each step about twice its
-    # cost in a loop of its own): the common case takes few steps, 3-5 us in all.
+    # cost in a loop of its own): the common case takes few steps, and none after the op
+    # (it raises for errors="raise" itself).
     tensor, from_numpy = _as_tensor(cost, 3, "a batch of matrices (3-D array [B, N, M])")
     device = tensor.device
     if sizes is not None:
         sizes = _as_sizes(sizes, tensor.shape[0], device)
-    col4row, status = _ops.lsa(tensor, sizes, bool(maximize), _ops.resolve_backend(backend, device))
-    if errors == "raise":
-        _raise_for_status(status, batched=True)
+    which = _ops.resolve_backend(backend, device)
+    col4row, status = _ops.lsa(tensor, sizes, bool(maximize), which, errors == "raise")
     if from_numpy:
         col4row, status = col4row.numpy(), status.numpy()
     return tuple.__new__(BatchAssignment, (col4row, status))  # without NamedTuple's __new__
@@ -173,7 +161,7 @@ def linear_sum_assignment(cost: ArrayLike, maximize: bool = False, *, backend: s
     tensor, from_numpy = _as_tensor(cost, 2, "a matrix (2-D array)")
     which = _ops.resolve_backend(backend, tensor.device)
     col4row, status = _ops.lsa(tensor.unsqueeze(0), None, bool(maximize), which)
-    _raise_for_status(status, batched=False)
+    _ops.raise_for_status(status, batched=False)
     if not col4row.is_cpu:
         row = col4row[0]
         rows = torch.nonzero(row >= 0).flatten()

@@ -263,10 +263,14 @@ def test_status_mixed_batch_and_raise():
     assert res.status.tolist() == [0, 1, 0, 2, 2, 0]
     assert (res.col4row[[1, 3, 4]] == -1).all()
     assert_batch_matches_scipy(cost)
-    with pytest.raises(ValueError, match=r"cost matrix is infeasible \(batch item 1\)"):
-        batch_linear_sum_assignment(cost)
-    with pytest.raises(ValueError, match=r"invalid numeric entries \(batch item 1\)"):
-        batch_linear_sum_assignment(cost[2:])  # original item 3 is item 1 of this batch
+    # the op's own check (C++, csrc/lsa/status.h) and the Python one (scipy backend) alike
+    for backend in ("auto", "scipy"):
+        with pytest.raises(ValueError) as info:
+            batch_linear_sum_assignment(cost, backend=backend)
+        assert str(info.value) == "cost matrix is infeasible (batch item 1)"
+        with pytest.raises(ValueError) as info:
+            batch_linear_sum_assignment(cost[2:], backend=backend)  # item 3 is item 1 here
+        assert str(info.value) == "matrix contains invalid numeric entries (batch item 1)"
     res_max = batch_linear_sum_assignment(torch.tensor([[[1.0, float("inf")]]]), maximize=True,
                                           errors="status")
     assert res_max.status.tolist() == [2]
@@ -374,6 +378,8 @@ def test_opcheck(op_name):
     extra = (1,) if op_name == "lsa_duals" else ()
     for args in [(cost, None, False), (cost, sizes, True), (cost.transpose(1, 2), None, False)]:
         torch.library.opcheck(op, args + extra)
+    if op_name == "lsa":  # raise_errors on items that all solve
+        torch.library.opcheck(op, (cost, sizes, False, True))
 
 
 def test_torch_compile():

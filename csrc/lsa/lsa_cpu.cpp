@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "status.h"
 #include "teams_cpu.h"
 
 namespace maskformer_fast {
@@ -311,11 +312,12 @@ void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximi
 }
 
 std::tuple<Tensor, Tensor> lsa_cpu(const Tensor& cost, const std::optional<Tensor>& sizes,
-                                   bool maximize) {
+                                   bool maximize, bool raise_errors) {
   const auto items = read_items(cost, sizes);
   auto col4row = at::full({cost.size(0), cost.size(1)}, -1, cost.options().dtype(at::kLong));
   auto status = at::empty({cost.size(0)}, cost.options().dtype(at::kInt));
   solve_batch(cost, items, maximize, 1, col4row, status, nullptr, nullptr);
+  if (raise_errors) raise_for_status(status.const_data_ptr<int32_t>(), status.size(0));
   return {col4row, status};
 }
 

@@ -7,9 +7,10 @@
 // parse torch's headers (BUILD-NOTES: that is most of a .cu file's compile time).
 //
 // Per call: one workspace allocation from the caching allocator (none when the solver
-// state fits in shared memory), one kernel launch on the current stream, no host sync,
-// no device assert. Failed items (invalid entries, infeasible, sizes out of range) are
-// reported in `status`; only malformed arguments (shapes, dtypes, devices) raise.
+// state fits in shared memory), one kernel launch on the current stream, no host sync
+// (unless raise_errors asks for the statuses on the host), no device assert. Failed items
+// (invalid entries, infeasible, sizes out of range) are reported in `status`; only
+// malformed arguments (shapes, dtypes, devices) raise, and raise_errors.
 #include "lsa_cuda_kernels.cuh"
 
 #if !defined(__CUDA_ARCH__)
@@ -23,6 +24,8 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+
+#include "status.h"
 
 namespace maskformer_fast {
 namespace {
@@ -93,13 +96,17 @@ void check_cost(const Tensor& cost) {
 }
 
 std::tuple<Tensor, Tensor> lsa_cuda(const Tensor& cost, const std::optional<Tensor>& sizes,
-                                    bool maximize) {
+                                    bool maximize, bool raise_errors) {
   check_cost(cost);
   const c10::cuda::CUDAGuard guard(cost.device());
   const auto opts = cost.options();
   Tensor col4row = at::empty({cost.size(0), cost.size(1)}, opts.dtype(at::kLong));
   Tensor status = at::empty({cost.size(0)}, opts.dtype(at::kInt));
   solve_batch_cuda(cost, sizes, maximize, 1, col4row, status, nullptr, nullptr);
+  if (raise_errors) {
+    const Tensor host = status.cpu();  // (a sync)
+    raise_for_status(host.const_data_ptr<int32_t>(), host.size(0));
+  }
   return {col4row, status};
 }
 
