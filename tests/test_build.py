@@ -132,6 +132,27 @@ def test_solver_harness_builds_and_runs(tmp_path):
     assert all(outs == first for outs in runs.values()), runs
 
 
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_pair_team_under_thread_sanitizer(tmp_path):
+    """The two threads of lsa::PairTeam share only their key lines: ThreadSanitizer finds no
+    race in the harness, together to the end or parting at a forced step, and the matchings
+    and duals are the sequential team's."""
+    exe = tmp_path / "lsa_harness_tsan"
+    built = subprocess.run(["g++", "-O1", "-g", "-fsanitize=thread", "-std=c++20", "-pthread",
+                            "-fno-fast-math", "-ffp-contract=off", "-I", str(HARNESS.parents[1] / "csrc" / "lsa"),
+                            str(HARNESS), "-o", str(exe)], capture_output=True, text=True)
+    if built.returncode != 0:
+        pytest.skip(f"no ThreadSanitizer here: {built.stderr[-300:]}")
+    for args in (["300", "700", "1", "1"], ["200", "200", "2", "1", "1"]):
+        outs = set()
+        for pair in ("0", "1", "37"):
+            run = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300,
+                                 env={**os.environ, "LSA_PAIR": pair, "TSAN_OPTIONS": "halt_on_error=1"})
+            assert run.returncode == 0 and "ThreadSanitizer" not in run.stderr, run.stderr[-2000:]
+            outs.add(run.stdout.split(" hash ")[1])
+        assert len(outs) == 1, outs
+
+
 def outlined_team_code(symbols: list[str]) -> list[str]:
     """The sequential team's functions and lambdas that the compiler kept as functions of
     their own (demangled `nm` lines): each is always_inline, and a call per block of eight
