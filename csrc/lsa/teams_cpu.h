@@ -442,9 +442,6 @@ class alignas(64) PairTeam : public SequentialTeam {  // (its counts change ever
     return swap(Key{double(found), 0, 0}).value != 0 || found;
   }
 
-  // Whether the two parted (member 0 finished alone).
-  bool parted() const { return alone_; }
-
  private:
   // Hands this member's key to the other and returns the other's.
   const Key& swap(const Key& mine) {
