@@ -197,10 +197,12 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
     w.at[p] = j;
     w.rank[j] = tie_rank(p, w.row4col[j] < 0, m);
   };
+  // (With every column free, the starting order gives column j the tie rank j.)
   team.for_each(n, [&](int32_t i) { w.u[i] = 0.0; w.col4row[i] = -1; });
-  team.for_each(m, [&](int32_t j) { w.v[j] = 0.0; w.row4col[j] = -1; });
-  team.sync();
-  team.for_each(m, restore);
+  team.for_each(m, [&](int32_t j) {
+    w.v[j] = 0.0, w.row4col[j] = -1;
+    w.at[j] = m - 1 - j, w.rank[j] = j;
+  });
   team.sync();
 
   for (int32_t cur = 0; cur < n; ++cur) {
