@@ -107,6 +107,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "scipy"
 
 
+# The op's overload, for callers that have chosen the compiled backend already (the packet,
+# torch.ops.maskformer_fast.lsa, is a Python frame more).
+LSA = torch.ops.maskformer_fast.lsa.default if _LOAD_ERROR is None else None
+
+
 def lsa(
     cost: torch.Tensor, sizes: torch.Tensor | None, maximize: bool, backend: str, raise_errors=False
 ):

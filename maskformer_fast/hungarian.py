@@ -134,8 +134,12 @@ def batch_linear_sum_assignment(
     device = tensor.device
     if sizes is not None:
         sizes = _as_sizes(sizes, tensor.shape[0], device)
-    which = _ops.resolve_backend(backend, device)
-    col4row, status = _ops.lsa(tensor, sizes, bool(maximize), which, errors == "raise")
+    kind = device.type
+    if backend == "auto" and kind in ("cpu", "cuda") and _ops.has_kernel(kind):  # the op itself
+        col4row, status = _ops.LSA(tensor, sizes, bool(maximize), errors == "raise")
+    else:
+        which = _ops.resolve_backend(backend, device)
+        col4row, status = _ops.lsa(tensor, sizes, bool(maximize), which, errors == "raise")
     if from_numpy:
         col4row, status = col4row.numpy(), status.numpy()
     return tuple.__new__(BatchAssignment, (col4row, status))  # without NamedTuple's __new__
