@@ -78,9 +78,17 @@ class SequentialTeam {
       // The first step of a Dijkstra has code of its own (it sets every column
       // outright), except with AVX-512 up to 64 columns, where a mask does it for less
       // than the branch costs.
-      const int32_t n = to - from;
-      return relax.first && n > kFirstMasked ? argmin_rows<true>(from, n, relax, val, rank)
-                                             : argmin_rows<false>(from, n, relax, val, rank);
+      // The vector code sees columns [0, n): every pointer shifted by `from`, and the
+      // column found shifted back.
+      const int32_t n = to - from, scanned = relax.scanned - from;
+      const auto* row = relax.cost.row(relax.i) + from;
+      Workspace w = relax.w;
+      w.v += from, w.spc += from, val += from, rank += from;
+      Key best = relax.first && n > kFirstMasked
+                     ? argmin_rows<true>(n, row, w, val, rank, scanned, relax)
+                     : argmin_rows<false>(n, row, w, val, rank, scanned, relax);
+      if (best.col >= 0) best.col += from;
+      return best;
     }
 #endif
     double lowest = kInf;
@@ -147,13 +155,10 @@ class SequentialTeam {
   // so their path cost is +inf and they never win. v, spc and rank need room for n
   // rounded up to 8 (Workspace). Pass 1 keeps the lowest values of each group of 64
   // columns, so that pass 2 looks only at the groups that hold the lowest value.
-  template <bool First, class Relax>
-  LSA_HOT Key argmin_rows(int32_t from, int32_t n, const Relax& relax, const double* val,
-                          const int32_t* rank) const {
-    // columns from + [0, n): every pointer shifted by `from`, and the column found back
-    const auto* row = relax.cost.row(relax.i) + from;
-    Workspace w = relax.w;
-    w.v += from, w.spc += from, val += from, rank += from;
+  // (row, w, val, rank and scanned as argmin_range shifted them; relax for the rest)
+  template <bool First, class T, class Relax>
+  LSA_HOT Key argmin_rows(int32_t n, const T* row, const Workspace& w, const double* val,
+                          const int32_t* rank, int32_t scanned, const Relax& relax) const {
     const __m512d inf = _mm512_set1_pd(kInf);
     // Up to 64 columns, a first step's columns start from +inf (`fresh`) and the scanned
     // column's is NaN (`gone`), as masks of each block; wider rows have neither here.
@@ -207,7 +212,6 @@ class SequentialTeam {
       }
     } else {
       // The scanned column's NaN as a mask of each block, applied as it is loaded.
-      const int32_t scanned = relax.scanned - from;
       const uint64_t gone = scanned >= 0 && scanned < n ? uint64_t(1) << scanned : 0;
       const __mmask8 fresh = relax.first ? 0xff : 0;
       __m512d lo2 = inf;  // two running minima: consecutive blocks do not wait for each other
@@ -249,7 +253,7 @@ class SequentialTeam {
       return _mm512_cmp_pd_mask(_mm512_loadu_pd(group_low + 8 * g), lo, _CMP_EQ_OQ) != 0;
     };
     if (const int32_t col = walk_groups(n, groups, equal, reached, take); col >= 0) {
-      return Key{val[col], rank[col], from + col};
+      return Key{val[col], rank[col], col};
     }
     Keys k = __builtin_shufflevector(least, least, 4, 5, 6, 7, 0, 1, 2, 3);
     least = k < least ? k : least;
@@ -258,7 +262,7 @@ class SequentialTeam {
     k = __builtin_shufflevector(least, least, 1, 0, 3, 2, 5, 4, 7, 6);
     least = k < least ? k : least;
     const int32_t col = int32_t(least[0]);
-    return Key{val[col], int32_t(least[0] >> 32), from + col};
+    return Key{val[col], int32_t(least[0] >> 32), col};
   }
 
   // GCC 12's _mm512_cvtps_pd raises a false "maybe uninitialized" warning; the masked
@@ -277,13 +281,11 @@ class SequentialTeam {
   // (First) at every width: masks cost more than they save here (measured on a Zen 1,
   // where a 256-bit operation is two). v and spc are read and written as aligned
   // vectors: they start on a 32-byte boundary (Workspace).
-  template <bool First, class Relax>
-  LSA_HOT Key argmin_rows(int32_t from, int32_t n, const Relax& relax, const double* val,
-                          const int32_t* rank) const {
-    // columns from + [0, n): every pointer shifted by `from`, and the column found back
-    const auto* row = relax.cost.row(relax.i) + from;
-    Workspace w = relax.w;
-    w.v += from, w.spc += from, val += from, rank += from;
+  // (row, w, val and rank as argmin_range shifted them; relax for the rest; the scanned
+  // column's NaN is stored through relax.w)
+  template <bool First, class T, class Relax>
+  LSA_HOT Key argmin_rows(int32_t n, const T* row, const Workspace& w, const double* val,
+                          const int32_t* rank, int32_t /*scanned*/, const Relax& relax) const {
     const __m256d inf = _mm256_set1_pd(kInf);
     const __m256d min_val = _mm256_set1_pd(relax.min_val), ui = _mm256_set1_pd(relax.ui);
     // Four columns from b; `in` (a lane mask) says which lie inside the row, when `tail`.
@@ -349,10 +351,10 @@ class SequentialTeam {
       return _mm256_movemask_pd(_mm256_cmp_pd(low, lo, _CMP_EQ_OQ)) != 0;
     };
     if (const int32_t col = walk_groups(n, groups, equal, reached, take); col >= 0) {
-      return Key{val[col], rank[col], from + col};
+      return Key{val[col], rank[col], col};
     }
     const int32_t col = int32_t(uint32_t(least));
-    return Key{val[col], int32_t(least >> 32), from + col};
+    return Key{val[col], int32_t(least >> 32), col};
   }
 
   LSA_HOT static __m256d load4(const double* p, bool tail, __m256i in) {
