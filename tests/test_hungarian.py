@@ -199,7 +199,8 @@ def test_single_wide_problem_on_two_threads(kind, two_threads):
     """A single problem of 512 columns or more (after orientation) is solved by two threads
     together (lsa::PairTeam): scipy's indices and statuses, and the duals of the simulated
     team, bit for bit; the same with one thread. Tall (transposed and copied), maximised,
-    float32 read in place and NaN entries in either half of the rows are each one case.
+    float32 read in place, NaN entries in either half of the columns (each thread checks
+    its own) and an infeasible row before a NaN (invalid wins) are each one case.
     (Parting mid-solve, which depends on timing, is forced in the harness: test_build.)"""
     g = torch.Generator().manual_seed(11)
     op = torch.ops.maskformer_fast.lsa_duals
@@ -216,11 +217,15 @@ def test_single_wide_problem_on_two_threads(kind, two_threads):
             assert torch.equal(pair[3].view(torch.int64), other[3].view(torch.int64))
     cost = torch.rand(1, 600, 600, generator=g)  # float32, read in place: checked in halves
     assert_batch_matches_scipy(cost)
-    for row in (5, 590):
+    for row, col in [(5, 7), (590, 7), (5, 590), (590, 590)]:
         bad = cost.clone()
-        bad[0, row, 7] = float("nan")
+        bad[0, row, col] = float("nan")
         res = batch_linear_sum_assignment(bad, errors="status")
-        assert int(res.status[0]) == _ops.STATUS_INVALID, row
+        assert int(res.status[0]) == _ops.STATUS_INVALID, (row, col)
+    bad[0, 3, :] = float("inf")  # infeasible at row 3, long before the NaN at row 590
+    assert int(batch_linear_sum_assignment(bad, errors="status").status[0]) == _ops.STATUS_INVALID
+    bad[0, 590, 590] = 0.5
+    assert int(batch_linear_sum_assignment(bad, errors="status").status[0]) == _ops.STATUS_INFEASIBLE
 
 
 @pytest.mark.parametrize("kind", ["uniform", "ties", "normal_wide", "forbidden"])
@@ -255,14 +260,17 @@ def test_duals_certify_optimality(kind):
 
 
 def test_status_mixed_batch_and_raise():
-    cost = torch.rand(6, 4, 4, dtype=torch.float64)
+    cost = torch.rand(7, 4, 4, dtype=torch.float64)
     cost[1, 2, :] = float("inf")  # row 2 has no finite edge: infeasible
     cost[3, 0, 1] = float("nan")
     cost[4, 3, 3] = -float("inf")
+    cost[6, 0, :] = float("inf")  # infeasible at the first row, invalid at the last: invalid
+    cost[6, 3, 0] = float("nan")
     res = batch_linear_sum_assignment(cost, errors="status")
-    assert res.status.tolist() == [0, 1, 0, 2, 2, 0]
-    assert (res.col4row[[1, 3, 4]] == -1).all()
+    assert res.status.tolist() == [0, 1, 0, 2, 2, 0, 2]
+    assert (res.col4row[[1, 3, 4, 6]] == -1).all()
     assert_batch_matches_scipy(cost)
+    assert batch_linear_sum_assignment(cost.float(), errors="status").status.tolist() == res.status.tolist()
     # the op's own check (C++, csrc/lsa/status.h) and the Python one (scipy backend) alike
     for backend in ("auto", "scipy"):
         with pytest.raises(ValueError) as info:

@@ -185,11 +185,16 @@ LSA_HD void find_path(const Cost& cost, int32_t m, Workspace w, int32_t cur, int
 template <class Team, class Cost>
 LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspace w,
                      bool entries_checked = false) {
-  // NaN and -inf are exactly the entries that are not above -inf.
-  if (!entries_checked &&
-      team.any(n, m, [&](int32_t i, int32_t j) { return !(cost(i, j) > -kInf); })) {
-    return kInvalid;
-  }
+  // Whether rows [from, to) hold an invalid entry: NaN and -inf are exactly the entries
+  // that are not above -inf. Row `cur` is checked as its Dijkstra begins: no earlier step
+  // reads it (the rows visited so far are matched ones), and the relaxation that follows
+  // finds it in the cache. An invalid entry outranks infeasibility, as in scipy, which
+  // checks the whole matrix first.
+  const auto invalid = [&](int32_t from, int32_t to) {
+    return !entries_checked && team.any(to - from, m, [&](int32_t i, int32_t j) {
+      return !(cost(from + i, j) > -kInf);
+    });
+  };
   // The scan list in its starting order, which every Dijkstra starts from: reversed
   // (at[p] = m-1-p), so that a constant matrix gives the identity.
   const auto restore = [w, m](int32_t p) {
@@ -206,6 +211,7 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
   team.sync();
 
   for (int32_t cur = 0; cur < n; ++cur) {
+    if (invalid(cur, cur + 1)) return kInvalid;
     // Dijkstra from row `cur` over the columns, until it reaches a free column.
     double min_val = 0.0;
     int32_t i = cur, nrem = m, sink = -1, scanned = -1;
@@ -213,7 +219,7 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
       const Relax<Cost> relax{cost, w, min_val, w.u[i], i, scanned, first};
       const Key best = team.argmin(m, relax, w.spc, w.rank);
       min_val = best.value;
-      if (min_val == kInf) return kInfeasible;
+      if (min_val == kInf) return invalid(cur + 1, n) ? kInvalid : kInfeasible;
       const int32_t j = best.col;
       if (first && w.row4col[j] < 0) {  // a free column at once: see below
         sink = j;

@@ -331,18 +331,27 @@ class SequentialTeam {
     lo = lower(_mm256_permute_pd(lo, 5), lo);
     if (lo[0] == kInf) return Key::none();
 
-    // Pass 2, as above; the keys of several columns at the lowest value are compared one
-    // by one (AVX2 has no 64-bit minimum).
-    const auto equal = [&](int32_t b) LSA_HOT_LAMBDA {
-      const __m256d a = _mm256_cmp_pd(_mm256_loadu_pd(val + b), lo, _CMP_EQ_OQ);
-      const __m256d c = _mm256_cmp_pd(_mm256_loadu_pd(val + b + 4), lo, _CMP_EQ_OQ);
-      return uint32_t(_mm256_movemask_pd(a) | _mm256_movemask_pd(c) << 4);
+    // Pass 2, as above. Keys are compared as signed 64-bit integers (both halves are
+    // non-negative), four at a time, without a branch per column: columns at the lowest
+    // value are many when costs are few distinct integers, and a loop over them
+    // mispredicts its every exit.
+    const auto at_lowest = [&](int32_t b) LSA_HOT_LAMBDA {
+      return _mm256_cmp_pd(_mm256_loadu_pd(val + b), lo, _CMP_EQ_OQ);
     };
-    uint64_t least = UINT64_MAX;
-    const auto take = [&](int32_t b, uint32_t mask) LSA_HOT_LAMBDA {
-      for (; mask != 0; mask &= mask - 1) {
-        const int32_t q = b + __builtin_ctz(mask);
-        least = std::min(least, uint64_t(rank[q]) << 32 | uint32_t(q));
+    const auto equal = [&](int32_t b) LSA_HOT_LAMBDA {
+      return uint32_t(_mm256_movemask_pd(at_lowest(b)) | _mm256_movemask_pd(at_lowest(b + 4)) << 4);
+    };
+    const auto min64 = [](__m256i a, __m256i b) LSA_HOT_LAMBDA {
+      return _mm256_blendv_epi8(a, b, _mm256_cmpgt_epi64(a, b));
+    };
+    const __m256i none = _mm256_set1_epi64x(INT64_MAX);
+    __m256i least = none;
+    const auto take = [&](int32_t b, uint32_t /*equal(b)*/) LSA_HOT_LAMBDA {
+      for (int32_t q = b; q < b + 8; q += 4) {
+        const __m128i r = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rank + q));
+        const __m256i key = _mm256_or_si256(_mm256_slli_epi64(_mm256_cvtepu32_epi64(r), 32),
+                                            _mm256_add_epi64(lane, _mm256_set1_epi64x(q)));
+        least = min64(least, _mm256_blendv_epi8(none, key, _mm256_castpd_si256(at_lowest(q))));
       }
     };
     const auto reached = [&](int32_t g) LSA_HOT_LAMBDA {
@@ -353,8 +362,10 @@ class SequentialTeam {
     if (const int32_t col = walk_groups(n, groups, equal, reached, take); col >= 0) {
       return Key{val[col], rank[col], col};
     }
-    const int32_t col = int32_t(uint32_t(least));
-    return Key{val[col], int32_t(least >> 32), col};
+    least = min64(least, _mm256_permute2x128_si256(least, least, 1));
+    const int64_t key = std::min(_mm256_extract_epi64(least, 0), _mm256_extract_epi64(least, 1));
+    const int32_t col = int32_t(key);
+    return Key{val[col], int32_t(key >> 32), col};
   }
 
   LSA_HOT static __m256d load4(const double* p, bool tail, __m256i in) {
@@ -435,12 +446,15 @@ class alignas(64) PairTeam : public SequentialTeam {  // (its counts change ever
     return min_key(mine, swap(mine));
   }
 
-  // Each member looks at half of the rows.
+  // Each member looks at its own columns (the solver asks before a Dijkstra: parting
+  // starts there too).
   template <class Pred>
   bool any(int32_t rows, int32_t cols, Pred&& pred) {
-    const int32_t half = rows / 2, first = member_ == 0 ? 0 : half;
-    const bool found = SequentialTeam::any(member_ == 0 ? half : rows - half, cols,
-                                           [&](int32_t i, int32_t j) { return pred(first + i, j); });
+    if (parting_) alone_ = true;
+    if (alone_) return member_ == 0 && SequentialTeam::any(rows, cols, pred);
+    const int32_t split = std::min(split_, cols), from = member_ == 0 ? 0 : split;
+    const bool found = SequentialTeam::any(rows, member_ == 0 ? split : cols - split,
+                                           [&](int32_t i, int32_t j) { return pred(i, from + j); });
     return swap(Key{double(found), 0, 0}).value != 0 || found;
   }
 
