@@ -119,7 +119,7 @@ class SequentialTeam {
   // Pass 2's walk, for both vector widths: group by group (one group up to 64 columns),
   // the groups whose minima reached the lowest value. equal(b) is the 8-bit mask of the
   // columns of block b at the lowest value, reached(g) whether group g's minima reached
-  // it, take(b, mask) adds those columns' keys. Returns the column when a single one is
+  // it, take(b) adds those columns' keys. Returns the column when a single one is
   // at the lowest value (the common case: no ranks read), else -1 after taking every
   // column that is.
   template <class Equal, class Reached, class Take>
@@ -133,10 +133,10 @@ class SequentialTeam {
     int32_t next = g + 1;
     while (next < groups && !reached(next)) ++next;
     if (next == groups && (bits & (bits - 1)) == 0) return 64 * g + __builtin_ctzll(bits);
-    for (int32_t b = 64 * g; b < group_end(g); b += 8) take(b, uint8_t(bits >> (b - 64 * g)));
+    for (int32_t b = 64 * g; b < group_end(g); b += 8) take(b);
     for (; next < groups; ++next) {
       if (!reached(next)) continue;
-      for (int32_t b = 64 * next; b < group_end(next); b += 8) take(b, equal(b));
+      for (int32_t b = 64 * next; b < group_end(next); b += 8) take(b);
     }
     return -1;
   }
@@ -240,7 +240,8 @@ class SequentialTeam {
     using Keys = int64_t __attribute__((vector_size(64)));
     using Ranks = int32_t __attribute__((vector_size(32)));
     Keys least = Keys{} + INT64_MAX;
-    const auto take = [&](int32_t b, __mmask8 mask) LSA_HOT_LAMBDA {
+    const auto take = [&](int32_t b) LSA_HOT_LAMBDA {
+      const __mmask8 mask = equal(b);
       Ranks r;
       std::memcpy(&r, rank + b, sizeof r);
       const Keys key = __builtin_convertvector(r, Keys) << 32 | (Keys{0, 1, 2, 3, 4, 5, 6, 7} + b);
@@ -346,7 +347,7 @@ class SequentialTeam {
     };
     const __m256i none = _mm256_set1_epi64x(INT64_MAX);
     __m256i least = none;
-    const auto take = [&](int32_t b, uint32_t /*equal(b)*/) LSA_HOT_LAMBDA {
+    const auto take = [&](int32_t b) LSA_HOT_LAMBDA {
       for (int32_t q = b; q < b + 8; q += 4) {
         const __m128i r = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rank + q));
         const __m256i key = _mm256_or_si256(_mm256_slli_epi64(_mm256_cvtepu32_epi64(r), 32),
