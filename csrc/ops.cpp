@@ -25,7 +25,8 @@ TORCH_LIBRARY(maskformer_fast, m) {
       "(Tensor col4row, Tensor status)");
   // The same, also returning the optimal duals u [B, N], v [B, M] (float64) of the
   // minimisation (of -cost when maximize), with `lanes` = 1 for the production team or
-  // a power of two up to 1024 for a simulated multi-lane team. For tests and diagnostics.
+  // a power of two up to 1024 for a team of that width (a simulated one on the CPU). For
+  // tests, diagnostics and timings.
   m.def(
       "lsa_duals(Tensor cost, Tensor? sizes, bool maximize, int lanes) -> "
       "(Tensor col4row, Tensor status, Tensor u, Tensor v)");

@@ -43,8 +43,8 @@ class Case(NamedTuple):
 
 def corpus(seed: int = 0) -> list[Case]:
     """Random floats, heavy ties, constants, forbidden (+inf) edges, invalid entries, both
-    orientations, ragged sizes and maximisation; widths on both sides of the warp/block
-    threshold (1024 columns)."""
+    orientations, ragged sizes and maximisation; widths for which the plan picks a warp, a
+    block, or the global workspace."""
     g = torch.Generator().manual_seed(seed)
     cases = []
     for n, m in [(5, 9), (9, 5), (40, 40), (30, 70), (70, 30), (3, 1100), (1100, 3)]:
@@ -60,9 +60,11 @@ def corpus(seed: int = 0) -> list[Case]:
     cases.append(Case("+inf edges 20x30 (some infeasible)", forbidden, None, False))
     cases.append(Case("+inf edges 30x20 (some infeasible)", forbidden.transpose(1, 2), None, False))
     cases.append(Case("+inf under maximize (invalid)", forbidden, None, True))
-    bad = torch.rand(3, 6, 6, generator=g)
+    bad = torch.rand(4, 6, 6, generator=g)
     bad[0, 2, 3], bad[1, 0, 0] = float("nan"), float("-inf")
+    bad[3, 0, :], bad[3, 5, 1] = float("inf"), float("nan")  # invalid outranks infeasible
     cases.append(Case("NaN / -inf (invalid)", bad, None, False))
+    cases.append(Case("NaN / -inf (invalid) transposed", bad.transpose(1, 2), None, False))
     ragged = torch.rand(16, 40, 25, generator=g) * 10
     sizes = torch.stack(
         [torch.randint(0, 41, (16,), generator=g), torch.randint(0, 26, (16,), generator=g)], 1

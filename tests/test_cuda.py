@@ -36,7 +36,8 @@ DTYPES = [
     torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
     torch.float16, torch.bfloat16, torch.float32, torch.float64,
 ]  # fmt: skip
-WARP, BLOCK = 32, 256  # the CUDA teams' widths (lsa::kWarpSize, lsa::cuda::kBlockThreads)
+WARP, BLOCK = 32, 256  # a warp team, and a block team (the widths go up to MAX_LANES)
+WIDTHS = [32, 64, 128, 256, 512]  # every team width the plan can pick (lsa::cuda::team_width)
 STATUS_BAD_SIZES = 3
 
 needs_ops = pytest.mark.skipif(_ops._LOAD_ERROR is not None, reason="maskformer_fast._C not built")
@@ -54,14 +55,13 @@ def state_bytes(R, C):
 
 def workspace_cases(optin):
     """(name, (B, N, M), lanes) whose solver state does not fit in `optin` bytes of shared
-    memory (40 bytes of state per column): one item for the block team, four (a block's
-    warps) for the warp team."""
-    wide, narrow = optin // 40 + 64, optin // (4 * 40) + 64
+    memory (40 bytes of state per column), for a block team and a warp team."""
+    wide = optin // 40 + 64
     return [
         ("block, wide", (1, 300, wide), 1),
         ("block, tall transposed view", (2, wide, 200), 1),
-        ("block, ties", (1, 150, wide), 1),
-        ("warp", (4, 100, narrow), WARP),
+        ("block, ties", (1, 150, wide), BLOCK),
+        ("warp", (4, 100, wide), WARP),
     ]
 
 
@@ -92,7 +92,7 @@ def test_cuda_kernels_registered():
 
 
 @needs_ops
-@pytest.mark.parametrize("lanes", [WARP, BLOCK])
+@pytest.mark.parametrize("lanes", WIDTHS)
 def test_simulated_cuda_team_equals_sequential(lanes):
     for case in corpus(seed=lanes):
         want = duals(case.cost, case.sizes, case.maximize, 1)
@@ -132,8 +132,9 @@ extern "C" void emulate(const void* cost, int dtype, int64_t B, int64_t N, int64
 extern "C" void plan(int64_t B, int64_t N, int64_t M, int sms, int smem_optin, int64_t lanes,
                      int64_t* out) {
   const Plan q = plan_for(B, N, M, sms, smem_optin, lanes);
-  const int64_t fields[] = {q.block, q.state_shared, q.stage_cost, q.team_smem, q.workspace_bytes};
-  for (int k = 0; k < 5; ++k) out[k] = fields[k];
+  const int64_t fields[] = {q.lanes, q.teams, q.state_shared, q.stage_cost, q.team_smem,
+                            q.workspace_bytes};
+  for (int k = 0; k < 6; ++k) out[k] = fields[k];
 }
 """
     DTYPE_CODES = {dt: k for k, dt in enumerate(DTYPES)}  # lsa::cuda::DType's order
@@ -171,10 +172,10 @@ extern "C" void plan(int64_t B, int64_t N, int64_t M, int sms, int smem_optin, i
         return out
 
     def plan(self, B, N, M, sms, smem_optin, lanes=1) -> dict:
-        out = (ctypes.c_int64 * 5)()
+        out = (ctypes.c_int64 * 6)()
         self.lib.plan(ctypes.c_int64(B), ctypes.c_int64(N), ctypes.c_int64(M), sms, smem_optin,
                       ctypes.c_int64(lanes), out)
-        keys = ("block", "state_shared", "stage_cost", "team_smem", "workspace_bytes")
+        keys = ("lanes", "teams", "state_shared", "stage_cost", "team_smem", "workspace_bytes")
         return dict(zip(keys, out))
 
 
@@ -184,7 +185,7 @@ def emulator(tmp_path_factory):
 
 
 @needs_ops
-@pytest.mark.parametrize("lanes", [WARP, BLOCK])
+@pytest.mark.parametrize("lanes", [WARP, 64, BLOCK])
 @pytest.mark.parametrize("stage", [False, True], ids=["in-place", "staged"])
 def test_kernel_item_code_equals_cpu(emulator, lanes, stage):
     for case in corpus(seed=3):
@@ -231,16 +232,22 @@ def test_kernel_item_code_bad_sizes(emulator):
 @needs_ops
 def test_plan(emulator):
     h100 = dict(sms=132, smem_optin=227 * 1024)
-    # DETR-like batches: a warp per item, the solver state in shared memory.
+    # The team width: the widest with two columns per lane and at most 512 lanes per SM.
+    assert emulator.plan(208, 300, 300, **h100)["lanes"] == 128
+    assert emulator.plan(208, 300, 100, **h100)["lanes"] == 128
+    assert emulator.plan(208, 300, 600, **h100)["lanes"] == 256
+    assert emulator.plan(32, 100, 20, **h100)["lanes"] == WARP
+    assert emulator.plan(256, 50, 50, **h100)["lanes"] == WARP
+    assert emulator.plan(1, 1000, 1000, **h100)["lanes"] == 256
+    assert emulator.plan(1, 2000, 2000, **h100)["lanes"] == 512
+    assert emulator.plan(4000, 300, 300, **h100)["lanes"] == 32
+    # Warp teams one per block, four per block once the batch exceeds the resident blocks.
+    assert emulator.plan(256, 50, 50, **h100)["teams"] == 1
+    assert emulator.plan(132 * 32 + 1, 50, 50, **h100)["teams"] == 4
+    # DETR-like batches: the solver state in shared memory; small problems staged too.
     detr = emulator.plan(208, 300, 300, **h100)
-    assert detr["block"] == 0 and detr["state_shared"] == 1 and detr["workspace_bytes"] == 0
-    # Small ragged problems: the cost staged too.
+    assert detr["state_shared"] == 1 and detr["workspace_bytes"] == 0
     assert emulator.plan(32, 100, 20, **h100)["stage_cost"] == 1
-    # Wider than a warp should scan, or few items: a block per item.
-    assert emulator.plan(1000, 10, 1025, **h100)["block"] == 1
-    assert emulator.plan(1000, 1024, 1024, **h100)["block"] == 0
-    assert emulator.plan(1, 1000, 1000, **h100)["block"] == 1
-    assert emulator.plan(1, 100, 200, **h100)["block"] == 0
     # Too big for shared memory: the state in the global workspace, one slice per item.
     assert emulator.plan(1, 2000, 2000, **h100)["state_shared"] == 1  # 104 KB
     big = emulator.plan(1, 3000, 5000, **h100)  # 236 KB
@@ -250,11 +257,11 @@ def test_plan(emulator):
     for optin in (99 * 1024, 227 * 1024):
         for name, (B, N, M), lanes in workspace_cases(optin):
             q = emulator.plan(B, N, M, sms=132, smem_optin=optin, lanes=lanes)
-            assert q["block"] == (lanes != WARP) and q["state_shared"] == 0, (name, optin)
+            assert (q["lanes"] == WARP) == (lanes == WARP) and q["state_shared"] == 0, (name, optin)
             assert q["workspace_bytes"] == B * state_bytes(min(N, M), max(N, M)), (name, optin)
     # lanes forces the team.
-    assert emulator.plan(1, 1000, 1000, **h100, lanes=WARP)["block"] == 0
-    assert emulator.plan(1000, 5, 5, **h100, lanes=BLOCK)["block"] == 1
+    assert emulator.plan(1, 1000, 1000, **h100, lanes=WARP)["lanes"] == WARP
+    assert emulator.plan(1000, 5, 5, **h100, lanes=512)["lanes"] == 512
 
 
 # 3. Ready for a GPU: the self-check and the GPU tests.
@@ -328,7 +335,7 @@ def test_cuda_parity_with_cpu_and_scipy():
 
 @cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("lanes", [1, WARP, BLOCK])
+@pytest.mark.parametrize("lanes", [1, *WIDTHS])
 def test_cuda_teams_equal_cpu(lanes):
     for case in corpus(seed=11):
         sizes = case.sizes.cuda() if case.sizes is not None else None
@@ -353,10 +360,11 @@ def test_cuda_dtypes_and_strides(dtype):
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_warp_and_block_sides_of_the_threshold():
+def test_cuda_every_planned_width_equals_cpu():
+    """Shapes for which the plan picks each team width, with ties."""
     g = torch.Generator().manual_seed(2)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    shapes = [(2 * sms, 8, 1024), (2 * sms, 8, 1025), (1, 300, 300), (1, 100, 200)]
+    shapes = [(4 * sms, 8, 60), (sms, 20, 200), (sms, 20, 300), (2, 100, 600), (1, 300, 2100)]
     for B, N, M in shapes:
         cost = torch.randint(0, 4, (B, N, M), generator=g).float()
         assert_identical(duals(cost.cuda()), duals(cost), f"{B}x{N}x{M}")
@@ -387,7 +395,7 @@ def test_cuda_ragged_sizes_on_the_block_team():
     """Ragged items (either orientation, empty ones) on the block team: padding is NaN, so
     any read of it would show as status 2."""
     g = torch.Generator().manual_seed(9)
-    for (B, N, M), lanes in [((6, 200, 1500), 1), ((8, 60, 90), BLOCK)]:  # 1500 > 1024: a block
+    for (B, N, M), lanes in [((6, 200, 1500), 1), ((8, 60, 90), BLOCK)]:
         cost = torch.randint(0, 20, (B, N, M), generator=g).float()
         sizes = torch.stack([torch.randint(0, N + 1, (B,), generator=g),
                              torch.randint(0, M + 1, (B,), generator=g)], 1)

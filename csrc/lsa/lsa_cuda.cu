@@ -110,16 +110,17 @@ std::tuple<Tensor, Tensor> lsa_cuda(const Tensor& cost, const std::optional<Tens
   return {col4row, status};
 }
 
-// On CUDA, `lanes` picks the team: 1 as the shape decides (as lsa does), 32 a warp per
-// item, 256 a block per item; the tests compare each with the CPU's simulated team of
-// the same width.
+// On CUDA, `lanes` picks the team width: 1 as the shape decides (as lsa does), 32 a warp
+// per item, 64 to 1024 (a power of two) a block per item; the tests compare each with the
+// CPU's simulated team of the same width.
 std::tuple<Tensor, Tensor, Tensor, Tensor> lsa_duals_cuda(const Tensor& cost,
                                                           const std::optional<Tensor>& sizes,
                                                           bool maximize, int64_t lanes) {
-  TORCH_CHECK_VALUE(lanes == 1 || lanes == lsa::kWarpSize || lanes == lsa::cuda::kBlockThreads,
+  TORCH_CHECK_VALUE(lanes == 1 || (lanes >= lsa::kWarpSize && lanes <= lsa::cuda::kMaxBlockThreads &&
+                                   (lanes & (lanes - 1)) == 0),
                     "lsa_duals: on CUDA, lanes must be 1 (automatic), ", lsa::kWarpSize,
-                    " (a warp per item) or ", lsa::cuda::kBlockThreads, " (a block per item), got ",
-                    lanes);
+                    " (a warp per item) or a power of two up to ", lsa::cuda::kMaxBlockThreads,
+                    " (a block per item), got ", lanes);
   check_cost(cost);
   const c10::cuda::CUDAGuard guard(cost.device());
   const auto opts = cost.options();

@@ -6,14 +6,13 @@
 //
 // The plan (chosen on the host per call from the padded shape, never per item, so no
 // shape ever compiles anything):
-//   * team: a warp per item (4 independent warps per block) unless an item's oriented
-//     columns exceed kWarpMaxCols = 1024, or exceed kSmallBatchCols = 256 while the batch
-//     has no more items than the GPU has SMs: then a block of kBlockThreads = 256 threads
-//     per item. Each Dijkstra step scans the remaining columns once and then reduces:
-//     a warp pays ~cols/32 dependent loads per lane and one butterfly; a block pays
-//     cols/256 loads per thread but two butterflies and a barrier. Past 1024 columns
-//     (32 loads per lane) the block's shorter scan wins; with at most one item per SM,
-//     a warp per item would leave 7/8 of each SM's lanes idle anyway.
+//   * team: a warp, or a block of 64 to 512 threads, per item. Each Dijkstra step
+//     relaxes the columns and then reduces: a wider team pays fewer loads per lane but
+//     a longer reduction (a second butterfly and a barrier past a warp). The width is
+//     the widest that keeps kColsPerLane columns per lane and at most kLanesPerSM lanes
+//     per multiprocessor over the batch: a large batch fills the GPU with warps, a small
+//     one with wide teams. Warp teams go one per block (spread over every SM) unless the
+//     batch would exceed the resident blocks, then kMaxWarpsPerBlock per block.
 //   * shared memory: the per-item state (duals, path costs, scan list: 12 bytes per
 //     row, 40 per column) and, when it also fits, the oriented cost block as float64
 //     (read on every Dijkstra step, and the only way a transposed item is read with
@@ -36,10 +35,11 @@
 namespace lsa {
 namespace cuda {
 
-constexpr int kWarpsPerBlock = 4;
-constexpr int kWarpMaxCols = 1024;
-constexpr int kSmallBatchCols = 256;
-constexpr int kBlockThreads = 256;
+constexpr int kMaxWarpsPerBlock = 4;
+constexpr int kMaxBlockThreads = 512;
+constexpr int kColsPerLane = 2;
+constexpr int kLanesPerSM = 512;
+constexpr int kBlocksPerSM = 32;  // resident blocks per multiprocessor (sm_80 to sm_90)
 
 // The input dtypes, as the binding maps torch's.
 enum class DType : int32_t {
@@ -64,7 +64,8 @@ struct Batch {
 };
 
 struct Plan {
-  bool block;             // a block (kBlockThreads) per item, else a warp per item
+  int32_t lanes;          // threads per team: 32 (a warp) or a block of 64 to 1024
+  int32_t teams;          // teams per block (warp teams only; else 1)
   bool state_shared;      // per-item state in shared memory, else in the global workspace
   bool stage_cost;        // oriented float64 cost block in shared memory
   int64_t R, C;           // padded oriented problem: R = min(N, M) rows, C = max(N, M) cols
@@ -98,16 +99,16 @@ LSA_HD double to_double(T x) {
 }
 
 // The oriented cost of one item read in place: entry (i, j) is at base[i * sr + j * sc]
-// (the caller's strides, swapped for a transposed item), negated for maximisation.
-// Negation is exact, as the CPU's multiplication by -1.0 is.
+// (the caller's strides, swapped for a transposed item), times sign = -1 for
+// maximisation. The product is exact, as the CPU's multiplication by -1.0 is, and no
+// branch comes between a lane's loads.
 template <class T>
 struct StridedCost {
   const T* base;
   int64_t sr, sc;
-  bool negate;
+  double sign;
   LSA_HD double operator()(int32_t i, int32_t j) const {
-    const double x = to_double(base[int64_t(i) * sr + int64_t(j) * sc]);
-    return negate ? -x : x;
+    return to_double(base[int64_t(i) * sr + int64_t(j) * sc]) * sign;
   }
 };
 
@@ -143,16 +144,19 @@ LSA_HD void solve_item(Team& team, const Batch& p, const Plan& plan, int64_t b, 
   if (in_range) {
     const T* item = static_cast<const T*>(p.cost) + b * p.s0;
     if (staged != nullptr) {
-      // Read in the caller's order (coalesced for a contiguous cost), store oriented.
-      team.for_each(n * m, [&](int32_t k) {
-        const int32_t r = k / m, c = k % m;
+      // Read in the caller's order (coalesced for a contiguous cost), stored oriented,
+      // every entry checked on the way (NaN and -inf are the entries not above -inf).
+      const bool bad = team.any(n, m, [&](int32_t r, int32_t c) {
         const double x = to_double(item[r * p.s1 + c * p.s2]);
-        staged[transpose ? c * cols + r : r * cols + c] = p.maximize ? -x : x;
+        const double y = p.maximize ? -x : x;
+        staged[transpose ? c * cols + r : r * cols + c] = y;
+        return !(y > -kInf);
       });
       team.sync();
-      status = solve(team, StagedCost{staged, cols}, rows, cols, w);
+      status = bad ? kInvalid : solve(team, StagedCost{staged, cols}, rows, cols, w, true);
     } else {
-      const StridedCost<T> view{item, transpose ? p.s2 : p.s1, transpose ? p.s1 : p.s2, p.maximize};
+      const StridedCost<T> view{item, transpose ? p.s2 : p.s1, transpose ? p.s1 : p.s2,
+                                p.maximize ? -1.0 : 1.0};
       status = solve(team, view, rows, cols, w);
     }
   }
@@ -183,12 +187,12 @@ __device__ inline void team_memory(const Plan& plan, int t, int64_t b, char* wor
   *state = plan.state_shared ? mine : workspace + b * plan.state_bytes;
 }
 
-// A warp per item, kWarpsPerBlock independent warps per block (no block barrier).
+// A warp per item, plan.teams independent warps per block (no block barrier).
 template <class T>
-__global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize, 1)
+__global__ void __launch_bounds__(kMaxWarpsPerBlock * kWarpSize, 1)
     lsa_warp_kernel(Batch p, Plan plan, char* workspace) {
   const int t = int(threadIdx.x) / kWarpSize;
-  const int64_t b = int64_t(blockIdx.x) * kWarpsPerBlock + t;
+  const int64_t b = int64_t(blockIdx.x) * plan.teams + t;
   if (b >= p.B) return;  // the whole warp leaves
   WarpTeam team(int(threadIdx.x) % kWarpSize);
   char* state;
@@ -199,7 +203,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize, 1)
 
 // A block per item.
 template <class T>
-__global__ void __launch_bounds__(kBlockThreads, 1)
+__global__ void __launch_bounds__(kMaxBlockThreads, 1)
     lsa_block_kernel(Batch p, Plan plan, char* workspace) {
   __shared__ Key scratch[2 * kWarpSize];
   const int64_t b = blockIdx.x;
@@ -210,24 +214,31 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   solve_item<T>(team, p, plan, b, state, staged);
 }
 
+// The team width for B items of C oriented columns on `sms` multiprocessors (see the top).
+inline int32_t team_width(int64_t B, int64_t C, int sms) {
+  int32_t lanes = kWarpSize;
+  while (lanes < kMaxBlockThreads && 2 * lanes * kColsPerLane <= C &&
+         B * 2 * lanes <= int64_t(sms) * kLanesPerSM)
+    lanes *= 2;
+  return lanes;
+}
+
 // The plan for B items of N x M on a device with `sms` multiprocessors and `smem_optin`
-// bytes of shared memory per block (see the top). `lanes` = 32 or kBlockThreads forces a
-// team (lsa_duals' tests); 1 lets the shape choose.
+// bytes of shared memory per block (see the top). `lanes` = 32 to kMaxBlockThreads (a
+// power of two) forces a team width (lsa_duals' tests and timings); 1 lets the shape
+// choose.
 inline Plan plan_for(int64_t B, int64_t N, int64_t M, int sms, int smem_optin, int64_t lanes) {
   Plan q;
   q.R = std::min(N, M);
   q.C = std::max(N, M);
-  if (lanes == 1) {
-    q.block = q.C > kWarpMaxCols || (q.C > kSmallBatchCols && B <= sms);
-  } else {
-    q.block = lanes == kBlockThreads;
-  }
-  const int teams = q.block ? 1 : kWarpsPerBlock;
-  const int64_t budget = smem_optin - (q.block ? int64_t(sizeof(Key)) * 2 * kWarpSize : 0);
+  q.lanes = lanes == 1 ? team_width(B, q.C, sms) : int32_t(lanes);
+  const bool block = q.lanes > kWarpSize;
+  q.teams = block || B <= int64_t(sms) * kBlocksPerSM ? 1 : kMaxWarpsPerBlock;
+  const int64_t budget = smem_optin - (block ? int64_t(sizeof(Key)) * 2 * kWarpSize : 0);
   q.state_bytes = state_bytes(q.R, q.C);
   const double cost_bytes = 8.0 * double(q.R) * double(q.C);  // no int64 overflow
-  q.stage_cost = teams * (cost_bytes + double(q.state_bytes)) <= double(budget);
-  q.state_shared = teams * q.state_bytes <= budget;
+  q.stage_cost = q.teams * (cost_bytes + double(q.state_bytes)) <= double(budget);
+  q.state_shared = q.teams * q.state_bytes <= budget;
   q.team_smem = (q.stage_cost ? int64_t(cost_bytes) : 0) + (q.state_shared ? q.state_bytes : 0);
   q.workspace_bytes = q.state_shared ? 0 : B * q.state_bytes;
   return q;
@@ -245,16 +256,16 @@ inline cudaError_t make_plan(const Batch& p, int device, int64_t lanes, Plan* pl
 
 template <class T>
 cudaError_t launch_typed(const Batch& p, const Plan& plan, char* workspace, cudaStream_t stream) {
-  const int teams = plan.block ? 1 : kWarpsPerBlock;
-  const size_t smem = size_t(teams * plan.team_smem);
-  const auto kernel = plan.block ? lsa_block_kernel<T> : lsa_warp_kernel<T>;
+  const bool block = plan.lanes > kWarpSize;
+  const size_t smem = size_t(plan.teams * plan.team_smem);
+  const auto kernel = block ? lsa_block_kernel<T> : lsa_warp_kernel<T>;
   if (smem > 48 * 1024) {  // beyond the default limit, up to the device's opt-in limit
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess) return err;
   }
-  const unsigned grid = unsigned(plan.block ? p.B : (p.B + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  const unsigned threads = plan.block ? kBlockThreads : kWarpsPerBlock * kWarpSize;
+  const unsigned grid = unsigned(block ? p.B : (p.B + plan.teams - 1) / plan.teams);
+  const unsigned threads = unsigned(block ? plan.lanes : plan.teams * kWarpSize);
   kernel<<<grid, threads, smem, stream>>>(p, plan, workspace);
   return cudaGetLastError();
 }

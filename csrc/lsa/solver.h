@@ -14,13 +14,16 @@
 //
 // A team is the group of lanes that solves one problem together: one thread on
 // the CPU, a warp or a block on the GPU. The body below only uses
-//   size, records_path, leader(), sync(), for_each(n, f), any(rows, cols, pred),
-//   argmin(n, relax, values, ranks)
-// where argmin(n, relax, values, ranks) calls relax(k) for every k (which updates
+//   size, records_path, checks_in_relax, leader(), sync(), for_each(n, f),
+//   any(rows, cols, pred), argmin(n, relax, values, ranks)
+// where any(rows, cols, pred) calls pred(i, j) on every entry (no early exit, so pred
+// may stage the entry as it checks it) and tells whether one returned true, and
+// argmin(n, relax, values, ranks) calls relax(k) for every k (which updates
 // values[k]; NaN marks a k that is no candidate; calling it again for the same k
 // changes nothing, so a team may; a team whose records_path is false may leave out
-// relax's path entries, and the solver finds them again) and then all-reduces the keys
-// (values[k], ranks[k], k). The Key's tie rank is unique per column, so the
+// relax's path entries, and the solver finds them again; a team whose checks_in_relax
+// is true relaxes through Relax itself, which then checks a row's entries on the first
+// step of its Dijkstra) and then all-reduces the keys (values[k], ranks[k], k). The Key's tie rank is unique per column, so the
 // keys are strictly totally ordered and every reduction order (a sequential scan,
 // a warp butterfly, a block of warps) returns the same column. Every lane runs
 // the scalar code redundantly; only the leader writes shared state, between syncs.
@@ -116,8 +119,13 @@ struct Workspace {
 // step's loads would wait for), and its path entry i with it; the first step of a
 // Dijkstra (min_val 0) sets every column outright (scipy's reset to +inf followed by a
 // relaxation that wins wherever the edge is finite; a column left at +inf keeps a stale
-// path entry, which is never read: it cannot be picked while feasible). The fields are
-// copies, so the compiler knows that the stores cannot change what relax(j) reads.
+// path entry, which is never read: it cannot be picked while feasible). With `check`
+// (first step, entries not yet checked), a NaN or -inf entry gives the path cost -inf,
+// which no valid entry gives (u[i] is 0 and v[j] <= 0 there), so the step's minimum
+// tells that the row is invalid.
+//
+// relax(j) is load(j) then apply(j, edge): a lane of a GPU team issues the loads of
+// several of its columns before it waits for the first.
 template <class Cost>
 struct Relax {
   Cost cost;
@@ -125,20 +133,34 @@ struct Relax {
   double min_val, ui;  // ui = u[i]
   int32_t i;
   int32_t scanned;  // the column the step before scanned, -1 for none: its path cost becomes NaN
-  bool first;
+  bool first, check;
 
-  LSA_HD void operator()(int32_t j) const {
-    const double r = ((min_val + cost(i, j)) - ui) - w.v[j];
+  struct Edge {
+    double c, v, s;  // c[i][j], v[j], the path cost before this step
+  };
+  LSA_HD Edge load(int32_t j) const { return {cost(i, j), w.v[j], w.spc[j]}; }
+
+  // Returns column j's new path cost.
+  LSA_HD double apply(int32_t j, const Edge& e) const {
+    double r = ((min_val + e.c) - ui) - e.v;
     if (first) {
+      if (check && !(e.c > -kInf)) r = -kInf;
       w.spc[j] = r;
       w.path[j] = i;
-      return;
+      return r;
     }
-    const double s = j == scanned ? kNaN : w.spc[j];
+    const double s = j == scanned ? kNaN : e.s;
     const bool better = r < s;
     w.spc[j] = select(better, r, s);
+#if defined(__CUDA_ARCH__)
+    if (better) w.path[j] = i;  // a predicated store, no load
+#else
     w.path[j] = select(better, i, w.path[j]);
+#endif
+    return better ? r : s;
   }
+
+  LSA_HD void operator()(int32_t j) const { apply(j, load(j)); }
 };
 
 // The path entries of the columns on the augmenting path that ends at `sink`, found
@@ -186,15 +208,16 @@ template <class Team, class Cost>
 LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspace w,
                      bool entries_checked = false) {
   // Whether rows [from, to) hold an invalid entry: NaN and -inf are exactly the entries
-  // that are not above -inf. Row `cur` is checked as its Dijkstra begins: no earlier step
-  // reads it (the rows visited so far are matched ones), and the relaxation that follows
-  // finds it in the cache. An invalid entry outranks infeasibility, as in scipy, which
-  // checks the whole matrix first.
+  // that are not above -inf. Row `cur` is checked as its Dijkstra begins (by the first
+  // relaxation itself where the team relaxes through Relax): no earlier step reads it
+  // (the rows visited so far are matched ones). An invalid entry outranks
+  // infeasibility, as in scipy, which checks the whole matrix first.
   const auto invalid = [&](int32_t from, int32_t to) {
     return !entries_checked && team.any(to - from, m, [&](int32_t i, int32_t j) {
       return !(cost(from + i, j) > -kInf);
     });
   };
+  const bool check_in_relax = Team::checks_in_relax && !entries_checked;
   // The scan list in its starting order, which every Dijkstra starts from: reversed
   // (at[p] = m-1-p), so that a constant matrix gives the identity.
   const auto restore = [w, m](int32_t p) {
@@ -211,14 +234,15 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
   team.sync();
 
   for (int32_t cur = 0; cur < n; ++cur) {
-    if (invalid(cur, cur + 1)) return kInvalid;
+    if (!Team::checks_in_relax && invalid(cur, cur + 1)) return kInvalid;
     // Dijkstra from row `cur` over the columns, until it reaches a free column.
     double min_val = 0.0;
     int32_t i = cur, nrem = m, sink = -1, scanned = -1;
     for (bool first = true; sink < 0; first = false) {
-      const Relax<Cost> relax{cost, w, min_val, w.u[i], i, scanned, first};
+      const Relax<Cost> relax{cost, w, min_val, w.u[i], i, scanned, first, first && check_in_relax};
       const Key best = team.argmin(m, relax, w.spc, w.rank);
       min_val = best.value;
+      if (min_val == -kInf) return kInvalid;  // (only a check in the relaxation gives -inf)
       if (min_val == kInf) return invalid(cur + 1, n) ? kInvalid : kInfeasible;
       const int32_t j = best.col;
       if (first && w.row4col[j] < 0) {  // a free column at once: see below

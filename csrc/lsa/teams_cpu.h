@@ -5,7 +5,8 @@
 //                 path for a single wide problem when two threads are free.
 // SimulatedTeam:  `lanes` emulated lanes, reduced in the order the CUDA teams use
 //                 (a __shfl_xor_sync butterfly inside each warp of 32, then the warp
-//                 results through shared scratch and a second butterfly). Used by the
+//                 results through shared scratch and a second butterfly over as many
+//                 lanes as there are warps). Used by the
 //                 tests to show that the result does not depend on the team.
 #pragma once
 
@@ -40,6 +41,7 @@ class SequentialTeam {
  public:
   static constexpr int size = 1;
   static constexpr bool records_path = false;  // the vector relaxations below leave it out
+  static constexpr bool checks_in_relax = false;
 #if defined(__AVX512F__)
   static constexpr int32_t kFirstMasked = 64;
 #else
@@ -55,12 +57,10 @@ class SequentialTeam {
 
   template <class Pred>
   LSA_HOT bool any(int32_t rows, int32_t cols, Pred&& pred) const {
-    for (int32_t i = 0; i < rows; ++i) {
-      int32_t found = 0;  // a count, no early exit inside a row: the compiler vectorises it
+    int32_t found = 0;  // a count, no early exit: the compiler vectorises it
+    for (int32_t i = 0; i < rows; ++i)
       for (int32_t j = 0; j < cols; ++j) found += pred(i, j);
-      if (found) return true;
-    }
-    return false;
+    return found != 0;
   }
 
   template <class Relax>
@@ -518,6 +518,7 @@ class SimulatedTeam {
 
   const int size;
   static constexpr bool records_path = true;
+  static constexpr bool checks_in_relax = true;
   bool leader() const { return true; }  // lanes run one after another: lane 0's writes suffice
   void sync() const {}
 
@@ -536,7 +537,7 @@ class SimulatedTeam {
     for (int lane = 0; lane < size; ++lane) {
       int64_t i = lane / cols, j = lane % cols;
       while (i < rows) {
-        found = found || pred(int32_t(i), int32_t(j));
+        found = pred(int32_t(i), int32_t(j)) || found;
         j += size;
         while (j >= cols) { j -= cols; ++i; }
       }
@@ -556,18 +557,15 @@ class SimulatedTeam {
       }
       partial_[lane] = best;
     }
-    warp_butterfly();
+    warp_butterfly(std::min(size, kWarp));
     if (size > kWarp) {
-      // Lane 0 of warp w writes scratch[w]; after the barrier lane l of every warp
-      // reads scratch[l] (none past the last warp) and butterflies again.
+      // Lane 0 of warp w writes scratch[w]; after the barrier lane l of every warp reads
+      // scratch[l % warps] and butterflies again over groups of `warps` lanes.
       const int warps = size / kWarp;
       std::vector<Key> scratch(warps);
       for (int w = 0; w < warps; ++w) scratch[w] = partial_[w * kWarp];
-      for (int lane = 0; lane < size; ++lane) {
-        const int l = lane % kWarp;
-        partial_[lane] = l < warps ? scratch[l] : Key::none();
-      }
-      warp_butterfly();
+      for (int lane = 0; lane < size; ++lane) partial_[lane] = scratch[lane % warps];
+      warp_butterfly(warps);
     }
     for (int lane = 1; lane < size; ++lane)
       if (partial_[lane] < partial_[0] || partial_[0] < partial_[lane])
@@ -576,10 +574,9 @@ class SimulatedTeam {
   }
 
  private:
-  // Every lane ends with the minimum of its warp, combined as
-  // x = min_key(x, shfl_xor(x, offset)) for offset = 16, 8, 4, 2, 1.
-  void warp_butterfly() {
-    const int width = std::min(size, kWarp);
+  // Every lane ends with the minimum of its group of `width` lanes, combined as
+  // x = min_key(x, shfl_xor(x, offset)) for offset = width / 2, ..., 2, 1.
+  void warp_butterfly(int width) {
     for (int offset = width / 2; offset >= 1; offset /= 2) {
       for (int lane = 0; lane < size; ++lane) {
         const int base = lane - lane % width;

@@ -1,15 +1,16 @@
 // CUDA teams for lsa::solve (see solver.h for the team interface).
 //
 // WarpTeam:  the 32 lanes of one warp solve one problem; __syncwarp is the barrier.
-// BlockTeam: the whole block solves one problem; __syncthreads is the barrier.
+// BlockTeam: the whole block (64 to 512 threads, a power of two) solves one problem;
+//            __syncthreads is the barrier.
 //
 // Both reduce exactly as lsa::SimulatedTeam (teams_cpu.h) emulates: each lane keeps
 // the best key of its columns k = rank, rank + size, ...; a __shfl_xor_sync butterfly
 // with offsets 16, 8, 4, 2, 1 combines a warp; in a block, lane 0 of warp w writes
-// scratch[w], one barrier, lane l of every warp reads scratch[l] (Key::none() past the
-// last warp) and butterflies again. The keys are strictly totally ordered, so the
-// winner is the same column whatever the order; the emulation makes the CPU tests
-// run the very reduction the GPU runs.
+// scratch[w], one barrier, lane l of every warp reads scratch[l % warps] and
+// butterflies again over groups of `warps` lanes. The keys are strictly totally
+// ordered, so the winner is the same column whatever the order; the emulation makes
+// the CPU tests run the very reduction the GPU runs.
 //
 // Torch-free: this header is compiled once per architecture.
 #pragma once
@@ -23,10 +24,11 @@ namespace lsa {
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// Every lane of the warp ends with the least key of the warp.
-__device__ __forceinline__ Key warp_min_key(Key best) {
+// Every lane ends with the least key of its group of `width` lanes (a power of two).
+__device__ __forceinline__ Key warp_min_key(Key best, int width = kWarpSize) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset >= 1; offset /= 2) {
+    if (offset >= width) continue;
     const Key other{__shfl_xor_sync(kFullMask, best.value, offset),
                     __shfl_xor_sync(kFullMask, best.tie, offset),
                     __shfl_xor_sync(kFullMask, best.col, offset)};
@@ -35,23 +37,40 @@ __device__ __forceinline__ Key warp_min_key(Key best) {
   return best;
 }
 
-// The lane's own best key over k = first, first + stride, ... < n; relax(k) runs
-// before val[k] is read, once per k (the lane owns column k for this step).
+// Columns a lane loads before it relaxes the first of them: its memory requests are in
+// flight together rather than one round trip per column.
+constexpr int kLoadsInFlight = 4;
+
+// The lane's own best key over k = first, first + stride, ... < n, relaxing each k once
+// (the lane owns column k for this step).
 template <class Relax>
-__device__ __forceinline__ Key lane_min_key(int32_t first, int32_t stride, int32_t n, Relax& relax,
-                                            const double* val, const int32_t* rank) {
+__device__ __forceinline__ Key lane_min_key(int32_t first, int32_t stride, int32_t n,
+                                            const Relax& relax,
+                                            const int32_t* __restrict__ rank) {
   Key best = Key::none();
 #pragma unroll 1
-  for (int32_t k = first; k < n; k += stride) {
-    relax(k);
-    const double x = val[k];
-    if (x <= best.value) best = min_key(best, Key{x, rank[k], k});  // NaN: no candidate
+  for (int32_t k = first; k < n; k += kLoadsInFlight * stride) {
+    typename Relax::Edge edge[kLoadsInFlight];
+    int32_t r[kLoadsInFlight];
+#pragma unroll
+    for (int u = 0; u < kLoadsInFlight; ++u) {  // no branch: a column past n reloads n - 1
+      const int32_t j = min(k + u * stride, n - 1);
+      edge[u] = relax.load(j), r[u] = rank[j];
+    }
+#pragma unroll
+    for (int u = 0; u < kLoadsInFlight; ++u) {
+      const int32_t j = k + u * stride;
+      if (j >= n) break;
+      const double x = relax.apply(j, edge[u]);
+      if (x <= best.value) best = min_key(best, Key{x, r[u], j});  // NaN: no candidate
+    }
   }
   return best;
 }
 
-// Whether pred(i, j) holds anywhere in a rows x cols block, this lane taking the
-// flat indices rank, rank + stride, ... (as SimulatedTeam::any).
+// Whether pred(i, j) holds anywhere in a rows x cols block (pred runs on every entry),
+// this lane taking the flat indices rank, rank + stride, ... (as SimulatedTeam::any),
+// walked without a division per entry.
 template <class Pred>
 __device__ __forceinline__ bool lane_any(int32_t rank, int32_t stride, int32_t rows, int32_t cols,
                                          Pred& pred) {
@@ -59,7 +78,7 @@ __device__ __forceinline__ bool lane_any(int32_t rank, int32_t stride, int32_t r
   bool found = false;
   int64_t i = rank / cols, j = rank % cols;
   while (i < rows) {
-    found = found || pred(int32_t(i), int32_t(j));
+    found = pred(int32_t(i), int32_t(j)) || found;
     j += stride;
     while (j >= cols) {
       j -= cols;
@@ -73,6 +92,7 @@ class WarpTeam {
  public:
   static constexpr int size = kWarpSize;
   static constexpr bool records_path = true;
+  static constexpr bool checks_in_relax = true;
 
   __device__ explicit WarpTeam(int lane) : lane_(lane) {}
 
@@ -91,9 +111,9 @@ class WarpTeam {
   }
 
   template <class Relax>
-  __device__ __forceinline__ Key argmin(int32_t n, Relax&& relax, const double* val,
+  __device__ __forceinline__ Key argmin(int32_t n, Relax&& relax, const double* /*val*/,
                                         const int32_t* rank) const {
-    return warp_min_key(lane_min_key(lane_, size, n, relax, val, rank));
+    return warp_min_key(lane_min_key(lane_, size, n, relax, rank));
   }
 
  private:
@@ -108,8 +128,9 @@ class BlockTeam {
   __device__ BlockTeam(Key* scratch)
       : size(int(blockDim.x)), rank_(int(threadIdx.x)), scratch_(scratch), half_(0) {}
 
-  const int size;  // a multiple of 32, at most 1024
+  const int size;  // a power of two in [64, 512]
   static constexpr bool records_path = true;
+  static constexpr bool checks_in_relax = true;
 
   __device__ __forceinline__ bool leader() const { return rank_ == 0; }
   __device__ __forceinline__ void sync() const { __syncthreads(); }
@@ -126,15 +147,15 @@ class BlockTeam {
   }
 
   template <class Relax>
-  __device__ __forceinline__ Key argmin(int32_t n, Relax&& relax, const double* val,
+  __device__ __forceinline__ Key argmin(int32_t n, Relax&& relax, const double* /*val*/,
                                         const int32_t* rank) {
-    const Key best = warp_min_key(lane_min_key(rank_, size, n, relax, val, rank));
+    const Key best = warp_min_key(lane_min_key(rank_, size, n, relax, rank));
     Key* half = scratch_ + half_ * kWarpSize;
     half_ ^= 1;
-    const int lane = rank_ % kWarpSize, warps = size / kWarpSize;
-    if (lane == 0) half[rank_ / kWarpSize] = best;
+    const int warps = size / kWarpSize;
+    if (rank_ % kWarpSize == 0) half[rank_ / kWarpSize] = best;
     __syncthreads();
-    return warp_min_key(lane < warps ? half[lane] : Key::none());
+    return warp_min_key(half[rank_ % warps], warps);
   }
 
  private:
