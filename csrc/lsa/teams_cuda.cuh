@@ -37,28 +37,26 @@ __device__ __forceinline__ Key warp_min_key(Key best, int width = kWarpSize) {
   return best;
 }
 
-// Columns a lane loads before it relaxes the first of them: its memory requests are in
-// flight together rather than one round trip per column.
-constexpr int kLoadsInFlight = 4;
-
 // The lane's own best key over k = first, first + stride, ... < n, relaxing each k once
-// (the lane owns column k for this step).
-template <class Relax>
+// (the lane owns column k for this step). The lane loads `Loads` of its columns before it
+// relaxes the first of them: its memory requests are in flight together rather than one
+// round trip per column.
+template <int Loads, class Relax>
 __device__ __forceinline__ Key lane_min_key(int32_t first, int32_t stride, int32_t n,
                                             const Relax& relax,
                                             const int32_t* __restrict__ rank) {
   Key best = Key::none();
 #pragma unroll 1
-  for (int32_t k = first; k < n; k += kLoadsInFlight * stride) {
-    typename Relax::Edge edge[kLoadsInFlight];
-    int32_t r[kLoadsInFlight];
+  for (int32_t k = first; k < n; k += Loads * stride) {
+    typename Relax::Edge edge[Loads];
+    int32_t r[Loads];
 #pragma unroll
-    for (int u = 0; u < kLoadsInFlight; ++u) {  // no branch: a column past n reloads n - 1
+    for (int u = 0; u < Loads; ++u) {  // no branch: a column past n reloads n - 1
       const int32_t j = min(k + u * stride, n - 1);
       edge[u] = relax.load(j), r[u] = rank[j];
     }
 #pragma unroll
-    for (int u = 0; u < kLoadsInFlight; ++u) {
+    for (int u = 0; u < Loads; ++u) {
       const int32_t j = k + u * stride;
       if (j >= n) break;
       const double x = relax.apply(j, edge[u]);
@@ -93,6 +91,8 @@ class WarpTeam {
   static constexpr int size = kWarpSize;
   static constexpr bool records_path = true;
   static constexpr bool checks_in_relax = true;
+  static constexpr int kLoads = 8;  // columns in flight per lane (lane_min_key): a warp
+                                    // lane owns ~10 of a 300-column item
 
   __device__ explicit WarpTeam(int lane) : lane_(lane) {}
 
@@ -113,7 +113,7 @@ class WarpTeam {
   template <class Relax>
   __device__ __forceinline__ Key argmin(int32_t n, Relax&& relax, const double* /*val*/,
                                         const int32_t* rank) const {
-    return warp_min_key(lane_min_key(lane_, size, n, relax, rank));
+    return warp_min_key(lane_min_key<kLoads>(lane_, size, n, relax, rank));
   }
 
  private:
@@ -131,6 +131,7 @@ class BlockTeam {
   const int size;  // a power of two in [64, 512]
   static constexpr bool records_path = true;
   static constexpr bool checks_in_relax = true;
+  static constexpr int kLoads = 4;  // the plan gives a block lane 2 to 4 columns
 
   __device__ __forceinline__ bool leader() const { return rank_ == 0; }
   __device__ __forceinline__ void sync() const { __syncthreads(); }
@@ -149,7 +150,7 @@ class BlockTeam {
   template <class Relax>
   __device__ __forceinline__ Key argmin(int32_t n, Relax&& relax, const double* /*val*/,
                                         const int32_t* rank) {
-    const Key best = warp_min_key(lane_min_key(rank_, size, n, relax, rank));
+    const Key best = warp_min_key(lane_min_key<kLoads>(rank_, size, n, relax, rank));
     Key* half = scratch_ + half_ * kWarpSize;
     half_ ^= 1;
     const int warps = size / kWarpSize;
