@@ -1,5 +1,6 @@
 """Compiles every variant of the Triton kernels for NVIDIA GPUs without a GPU, and reports what
-the compiler made of them: registers, spill stack, shared memory, tensor-core instructions.
+the compiler made of them: registers, spill stack, tensor-core instructions, and for the cost
+kernel's split-pixel variants the barriers around the arrival atomic.
 
     python -m maskformer_fast.kernels.compile_check       # sm_80 and sm_90, a table
 
@@ -8,6 +9,13 @@ down to a cubin, with its bundled ptxas; no driver is needed. This is how the ke
 trusted to build on a GPU-less machine: the interpreter runs their logic, this compiles their
 code. Arguments are specialised as the JIT specialises them for contiguous tensors (unit
 strides are constants). Must run without ``TRITON_INTERPRET=1``.
+
+The split-pixel cost kernel hands its partial sums to the last program of a tile through an
+atomic run by one thread: every warp's stores must be ordered before it by a CTA barrier, and
+its acquire before every warp's loads after it. ``_atomic_barriers`` reads that off the PTX
+(a ``bar.sync`` between the last ``st.global`` and the ``atom``, and between the ``atom`` and
+the next ``ld.global``) and off the TritonGPU IR, where only the kernel's own barriers appear
+(the PTX may hold one that the compiler added for its shared-memory scratch alone).
 """
 
 from __future__ import annotations
@@ -39,10 +47,42 @@ class Report:
     registers: int
     spill_bytes: int  # the stack: registers spilled to local memory
     tensor_core_ops: int  # mma.sync + wgmma instructions in the PTX
+    # around the split kernel's arrival atomic: barrier before / after in the PTX and in the
+    # TritonGPU IR, e.g. "ptx Y/Y, ir Y/Y"; "-" for a kernel without an atomic
+    atomic_barriers: str = "-"
 
     def row(self) -> str:
         return (f"| {self.kernel} | {self.variant} | sm_{self.arch} | {self.registers} | {self.spill_bytes} | "
-                f"{self.tensor_core_ops} |")
+                f"{self.tensor_core_ops} | {self.atomic_barriers} |")
+
+
+PTX_BARRIER = re.compile(r"^(bar|barrier)(\.cta)?\.sync\b")  # unpredicated, CTA-wide (not bar.warp.sync)
+IR_BARRIER = re.compile(r"\b(gpu|ttg)\.barrier\b")
+
+
+def _barriers_around(lines: list[str], atomic: str, store: str, load: str, barrier: re.Pattern) -> str:
+    """"Y/N": whether a barrier lies between the last `store` line before the first `atomic`
+    line and it, and between it and the next `load` line; "-" without an atomic."""
+    atoms = [i for i, line in enumerate(lines) if re.search(atomic, line)]
+    if not atoms:
+        return "-"
+    i = atoms[0]
+    stores = [j for j in range(i) if re.search(store, lines[j])]
+    loads = [j for j in range(i + 1, len(lines)) if re.search(load, lines[j])]
+    before = bool(stores) and any(barrier.search(line) for line in lines[stores[-1] + 1 : i])
+    after = bool(loads) and any(barrier.search(line) for line in lines[i + 1 : loads[0]])
+    return f"{'Y' if before else 'N'}/{'Y' if after else 'N'}"
+
+
+def _atomic_barriers(ptx: str, ttgir: str) -> str:
+    """The barriers around a kernel's first atomic, in its PTX and its TritonGPU IR."""
+    ptx_lines = [line.split("//")[0].strip() for line in ptx.splitlines()]
+    ptx_side = _barriers_around(ptx_lines, r"\batom\.", r"\bst\.global\b", r"\bld\.global\b", PTX_BARRIER)
+    if ptx_side == "-":
+        return "-"
+    ir_lines = [line.strip() for line in ttgir.splitlines()]
+    ir_side = _barriers_around(ir_lines, r"\btt\.atomic_rmw\b", r"\btt\.store\b", r"\btt\.load\b", IR_BARRIER)
+    return f"ptx {ptx_side}, ir {ir_side}"
 
 
 def _compile(fn, types: dict, constants: dict, arch: int, num_warps: int):
@@ -64,12 +104,14 @@ def _resources(kernel) -> tuple[int, int]:
 def _report(name, variant, fn, types, constants, arch, num_warps) -> Report:
     kernel = _compile(fn, types, constants, arch, num_warps)
     ptx = kernel.asm["ptx"]
-    return Report(name, variant, arch, *_resources(kernel), ptx.count("mma.sync") + ptx.count("wgmma.mma_async"))
+    return Report(name, variant, arch, *_resources(kernel), ptx.count("mma.sync") + ptx.count("wgmma.mma_async"),
+                  _atomic_barriers(ptx, kernel.asm["ttgir"]))
 
 
-def cost_variants():
+def cost_variants(arch: int):
     """The matching-cost kernel: every combination of its switches, fp32 / fp16 / bf16 logits,
-    float and uint8 (bool) targets, at its largest target tile."""
+    float and uint8 (bool) targets, at its largest target tile and the pixel step it takes on
+    `arch`."""
     f = triton_cost
     floats = {"n_pix", "w_class", "w_mask", "w_dice", "alpha"}
     unit = ("sxk", "syp", "sot", "sck", "slt", "sfp")
@@ -80,8 +122,9 @@ def cost_variants():
             types = {n: "fp32" if n in floats else "i32" for n in f._cost_kernel.arg_names}
             types.update(x_ptr=f"*{logits}", f_ptr=f"*{logits}", y_ptr=f"*{targets}", count_ptr="*i64",
                          cl_ptr="*fp32", lab_ptr="*i64", out_ptr="*fp32", ws_ptr="*fp32", arrived_ptr="*i32")
+            block_p = f.BLOCK_P_EMBED_SM90 if embed and arch >= 90 else f.BLOCK_P  # as f._block_p
             constants = dict(EMBED=embed, FOCAL=focal, HAS_CLASS=has_class, SPLIT=split, PRECISION="tf32x3",
-                             BLOCK_Q=f.BLOCK_Q, BLOCK_T=f.MAX_BLOCK_T, BLOCK_P=f.BLOCK_P, BLOCK_C=f.BLOCK_C,
+                             BLOCK_Q=f.BLOCK_Q, BLOCK_T=f.MAX_BLOCK_T, BLOCK_P=block_p, BLOCK_C=f.BLOCK_C,
                              BLOCK_K=f.BLOCK_K, **{n: 1 for n in unit})
             variant = (f"{'embed' if embed else 'logits'} {logits}, targets {targets}, "
                        f"{'focal' if focal else 'bce'}{', class' if has_class else ''}{', split' if split else ''}")
@@ -105,20 +148,21 @@ def reports(archs=ARCHS):
     if triton_cost.INTERPRETED or triton_einsum.INTERPRETED:
         raise RuntimeError("compile_check: unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
     for arch in archs:
-        for variant in itertools.chain(cost_variants(), bmm_variants()):
+        for variant in itertools.chain(cost_variants(arch), bmm_variants()):
             yield _report(*variant[:2], *variant[2:5], arch, variant[5])
 
 
 def main() -> int:
     print(f"Triton {triton.__version__}: kernels compiled for sm_{' and sm_'.join(map(str, ARCHS))}\n")
-    print("| kernel | variant | arch | registers | spill bytes | tensor-core ops |")
-    print("|---|---|---|---|---|---|")
-    spills = 0
+    print("| kernel | variant | arch | registers | spill bytes | tensor-core ops | barriers around the atomic |")
+    print("|---|---|---|---|---|---|---|")
+    spills = unfenced = 0
     for r in reports():
         print(r.row(), flush=True)
         spills += r.spill_bytes > 0
-    print(f"\n{spills} variant(s) spill registers")
-    return 1 if spills else 0
+        unfenced += r.atomic_barriers not in ("-", "ptx Y/Y, ir Y/Y")
+    print(f"\n{spills} variant(s) spill registers; {unfenced} variant(s) lack a barrier around the atomic")
+    return 1 if spills or unfenced else 0
 
 
 if __name__ == "__main__":

@@ -39,12 +39,48 @@ from triton.runtime.interpreter import InterpretedFunction
 # per tile of 32 targets beyond that (64-target tiles spill on sm_80).
 BLOCK_Q = 64  # queries per program
 BLOCK_P = 16  # pixels per step of the loop
+# From embeddings, every step reloads the [BLOCK_Q, C] embedding tile (4x the feature's bytes at
+# 16 pixels): sm_90 takes 32 pixels a step without spilling, halving that traffic; sm_80 spills.
+# (The whole tile kept for the loop spills at C = 256 on both.)
+BLOCK_P_EMBED_SM90 = 32
 BLOCK_C = 16  # channels per step of the embedding dot
 BLOCK_K = 64  # class logits per step of the online softmax
 MAX_BLOCK_T = 32  # targets per program
 NUM_WARPS = 8
 MIN_SPLIT_BLOCKS = 16  # pixel blocks per program at least, when a tile's pixels are split
 INTERPRETER_SPLIT = 2  # the interpreter splits in two, so that tests run both paths
+
+
+@triton.jit
+def _finish(acc_w, acc_p, sum_b, sum_p, sum_y, b, qs, ts, q_ok, t_ok, T, K1,
+            cl_ptr, scb, scq, sck, lab_ptr, slb, slt, out_ptr, sob, soq, sot,
+            n_pix, w_class, w_mask, w_dice,
+            HAS_CLASS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The cost tile from its pixel sums (mask, dice, class terms), stored."""
+    mask_cost = (acc_w + sum_b[:, None]) / n_pix
+    dice = 1.0 - (2.0 * acc_p + 1.0) / (sum_p[:, None] + sum_y[None, :] + 1.0)
+    cost = w_mask * mask_cost + w_dice * dice
+    if HAS_CLASS:
+        # softmax over the K+1 logits of each query (online: running max and sum)
+        row_max = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+        row_sum = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+        for k0 in range(0, K1, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K1
+            logit = tl.load(cl_ptr + b * scb + qs[:, None] * scq + ks[None, :] * sck,
+                            mask=q_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            logit = tl.where(k_ok[None, :], logit, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(logit, axis=1))
+            row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(logit - new_max[:, None]), axis=1)
+            row_max = new_max
+        label = tl.load(lab_ptr + b * slb + ts * slt, mask=t_ok, other=0)
+        label_ok = (label >= 0) & (label < K1)
+        picked = tl.load(cl_ptr + b * scb + qs[:, None] * scq + label[None, :] * sck,
+                         mask=q_ok[:, None] & (t_ok & label_ok)[None, :], other=0.0).to(tl.float32)
+        prob = tl.exp(picked - row_max[:, None]) / row_sum[:, None]
+        cost -= w_class * tl.where(label_ok[None, :], prob, float("nan"))
+    cost = tl.where(t_ok[None, :], cost, float("inf"))
+    tl.store(out_ptr + b * sob + qs[:, None] * soq + ts[None, :] * sot, cost, mask=q_ok[:, None] & (ts < T)[None, :])
 
 
 @triton.jit
@@ -120,12 +156,10 @@ def _cost_kernel(
         sum_p += tl.sum(p, axis=1)
         sum_y += tl.sum(y, axis=1)
 
-    done = True
     if SPLIT:
         # Split-P: every program stores its partial sums; the last of a tile's `split`
         # programs to arrive adds them up in the order of the pixels (not of arrival, so the
-        # result is deterministic) and finishes. The atomic's acquire-release orders the
-        # stores before it against the loads after it.
+        # result is deterministic) and alone computes and stores the cost.
         tile = (b * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
         WS: tl.constexpr = 2 * BLOCK_Q * BLOCK_T + 2 * BLOCK_Q + BLOCK_T
         n_tiles = (tl.num_programs(0) // split) * tl.num_programs(1) * tl.num_programs(2)
@@ -137,8 +171,13 @@ def _cost_kernel(
         tl.store(ws + 2 * BLOCK_Q * BLOCK_T + rq, sum_b)
         tl.store(ws + 2 * BLOCK_Q * BLOCK_T + BLOCK_Q + rq, sum_p)
         tl.store(ws + 2 * BLOCK_Q * BLOCK_T + 2 * BLOCK_Q + rt, sum_y)
-        done = tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel") == split - 1
-        if done:
+        # One thread does the acq_rel atomic. PTX causality runs through the CTA barrier: the
+        # first bar.sync puts every warp's stores before its release, the second its acquire
+        # before every warp's loads (the result's broadcast has a barrier too; this one is ours).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel")
+        tl.debug_barrier()
+        if arrived == split - 1:
             ws = ws_ptr + tile * WS
             acc_w = tl.load(ws + qt)
             acc_p = tl.load(ws + BLOCK_Q * BLOCK_T + qt)
@@ -152,50 +191,39 @@ def _cost_kernel(
                 sum_b += tl.load(ws + 2 * BLOCK_Q * BLOCK_T + rq)
                 sum_p += tl.load(ws + 2 * BLOCK_Q * BLOCK_T + BLOCK_Q + rq)
                 sum_y += tl.load(ws + 2 * BLOCK_Q * BLOCK_T + 2 * BLOCK_Q + rt)
-
-    mask_cost = (acc_w + sum_b[:, None]) / n_pix
-    dice = 1.0 - (2.0 * acc_p + 1.0) / (sum_p[:, None] + sum_y[None, :] + 1.0)
-    cost = w_mask * mask_cost + w_dice * dice
-    if HAS_CLASS:
-        # softmax over the K+1 logits of each query (online: running max and sum)
-        row_max = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
-        row_sum = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-        for k0 in range(0, K1, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K1
-            logit = tl.load(cl_ptr + b * scb + qs[:, None] * scq + ks[None, :] * sck,
-                            mask=q_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            logit = tl.where(k_ok[None, :], logit, float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(logit, axis=1))
-            row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(logit - new_max[:, None]), axis=1)
-            row_max = new_max
-        label = tl.load(lab_ptr + b * slb + ts * slt, mask=t_ok, other=0)
-        label_ok = (label >= 0) & (label < K1)
-        picked = tl.load(cl_ptr + b * scb + qs[:, None] * scq + label[None, :] * sck,
-                         mask=q_ok[:, None] & (t_ok & label_ok)[None, :], other=0.0).to(tl.float32)
-        prob = tl.exp(picked - row_max[:, None]) / row_sum[:, None]
-        cost -= w_class * tl.where(label_ok[None, :], prob, float("nan"))
-    cost = tl.where(t_ok[None, :], cost, float("inf"))
-    tl.store(out_ptr + b * sob + qs[:, None] * soq + ts[None, :] * sot, cost,
-             mask=q_ok[:, None] & (ts < T)[None, :] & done)
+            _finish(acc_w, acc_p, sum_b, sum_p, sum_y, b, qs, ts, q_ok, t_ok, T, K1,
+                    cl_ptr, scb, scq, sck, lab_ptr, slb, slt, out_ptr, sob, soq, sot,
+                    n_pix, w_class, w_mask, w_dice, HAS_CLASS, BLOCK_Q, BLOCK_K)
+    else:
+        _finish(acc_w, acc_p, sum_b, sum_p, sum_y, b, qs, ts, q_ok, t_ok, T, K1,
+                cl_ptr, scb, scq, sck, lab_ptr, slb, slt, out_ptr, sob, soq, sot,
+                n_pix, w_class, w_mask, w_dice, HAS_CLASS, BLOCK_Q, BLOCK_K)
 
 
 # Whether the kernel runs in Triton's interpreter (TRITON_INTERPRET=1 when it was defined).
 INTERPRETED = isinstance(_cost_kernel, InterpretedFunction)
 
-def _split(P: int, tiles: int, device: torch.device) -> tuple[int, int]:
+def _block_p(embed: bool, device: torch.device) -> int:
+    """Pixels per step: BLOCK_P, or BLOCK_P_EMBED_SM90 from embeddings on sm_90 and newer (and
+    in the interpreter, so that tests run it)."""
+    if embed and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9):
+        return BLOCK_P_EMBED_SM90
+    return BLOCK_P
+
+
+def _split(P: int, tiles: int, device: torch.device, block_p: int = BLOCK_P) -> tuple[int, int]:
     """(split, chunk): the pixels of each tile are shared by `split` programs, `chunk` each
-    (a multiple of BLOCK_P). On a GPU, enough programs to fill every SM twice, as long as each
+    (a multiple of block_p). On a GPU, enough programs to fill every SM twice, as long as each
     keeps MIN_SPLIT_BLOCKS pixel blocks: B * Q / BLOCK_Q tiles alone would leave most SMs idle
     on a typical batch (8 x 100 queries: 32 programs)."""
-    blocks = triton.cdiv(P, BLOCK_P)
+    blocks = triton.cdiv(P, block_p)
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         split = min(triton.cdiv(2 * sms, tiles), blocks // MIN_SPLIT_BLOCKS)
     else:
         split = INTERPRETER_SPLIT
     split = max(1, min(split, blocks))
-    chunk = max(1, triton.cdiv(blocks, split)) * BLOCK_P
+    chunk = max(1, triton.cdiv(blocks, split)) * block_p
     return max(1, triton.cdiv(P, chunk)), chunk
 
 
@@ -216,28 +244,31 @@ def _launch(x, feat, tgt_masks, tgt_counts, class_logits, tgt_labels, *, embed, 
     if not embed:
         feat = x.new_zeros(1, 1, 1)
     block_t = min(max(16, triton.next_power_of_2(T)), MAX_BLOCK_T)
+    block_p = _block_p(embed, x.device)
     tiles = B * triton.cdiv(Q, BLOCK_Q) * triton.cdiv(T, block_t)
-    split, chunk = _split(P, tiles, x.device)
+    split, chunk = _split(P, tiles, x.device, block_p)
     block_size = 2 * BLOCK_Q * block_t + 2 * BLOCK_Q + block_t
     ws = torch.empty(split * tiles * block_size if split > 1 else 1, device=x.device, dtype=torch.float32)
     arrived = torch.zeros(tiles if split > 1 else 1, device=x.device, dtype=torch.int32)
     grid = (B * split, triton.cdiv(Q, BLOCK_Q), triton.cdiv(T, block_t))
-    _cost_kernel[grid](
-        x, *x.stride(),
-        feat, *feat.stride(),
-        tgt_masks, *tgt_masks.stride(),
-        counts,
-        class_logits, *class_logits.stride(),
-        tgt_labels, *tgt_labels.stride(),
-        out, *out.stride(),
-        ws, arrived,
-        Q, T, P, feat.shape[1] if embed else 0, class_logits.shape[-1], split, chunk,
-        float(max(P, 1)), float(w_class), float(w_mask), float(w_dice), float(alpha),
-        EMBED=embed, FOCAL=mask_cost == "focal", HAS_CLASS=has_class, SPLIT=split > 1,
-        PRECISION="ieee" if x.device.type == "cpu" else "tf32x3",
-        BLOCK_Q=BLOCK_Q, BLOCK_T=block_t, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K,
-        num_warps=NUM_WARPS,
-    )
+    # Triton launches on the current device: make it the tensors' (a no-op on the CPU)
+    with torch.cuda.device_of(x):
+        _cost_kernel[grid](
+            x, *x.stride(),
+            feat, *feat.stride(),
+            tgt_masks, *tgt_masks.stride(),
+            counts,
+            class_logits, *class_logits.stride(),
+            tgt_labels, *tgt_labels.stride(),
+            out, *out.stride(),
+            ws, arrived,
+            Q, T, P, feat.shape[1] if embed else 0, class_logits.shape[-1], split, chunk,
+            float(max(P, 1)), float(w_class), float(w_mask), float(w_dice), float(alpha),
+            EMBED=embed, FOCAL=mask_cost == "focal", HAS_CLASS=has_class, SPLIT=split > 1,
+            PRECISION="ieee" if x.device.type == "cpu" else "tf32x3",
+            BLOCK_Q=BLOCK_Q, BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K,
+            num_warps=NUM_WARPS,
+        )
     return out
 
 
