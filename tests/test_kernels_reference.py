@@ -262,6 +262,27 @@ def test_triton_pixel_split(split, monkeypatch):
         torch.testing.assert_close(got.double(), want, **COST_TOL)
 
 
+@pytest.mark.parametrize("split", [1, 3])
+def test_triton_einsum_split_k(split, monkeypatch):
+    """K cut into several programs' fp32 partials, summed in a fixed order (the embedding's
+    gradient on a GPU whose grid is small): the einsum and both gradients as unsplit."""
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's split; on a GPU the split follows the SM count")
+    from maskformer_fast.kernels import triton_einsum
+
+    monkeypatch.setattr(triton_einsum, "INTERPRETER_SPLIT_K", split)
+    g = torch.Generator().manual_seed(7)
+    embed, feat = torch.randn(2, 5, 70, generator=g), torch.randn(2, 70, 9, 11, generator=g)  # K: 70 and 99
+    grad = torch.randn(2, 5, 9, 11, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (embed, feat)]
+    out = mask_einsum(*leaves, backend="triton")
+    got = (out, *torch.autograd.grad(out, leaves, grad))
+    ref_leaves = [t.double().requires_grad_() for t in (embed, feat)]
+    ref = torch.einsum("btc,bchw->bthw", *ref_leaves)
+    for a, b in zip(got, (ref, *torch.autograd.grad(ref, ref_leaves, grad.double()))):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-4)
+
+
 def test_selfcheck_kernel_parity_runs_on_the_interpreter():
     """`python -m maskformer_fast.selfcheck`'s kernel check, on small shapes through the
     interpreter, so that the check a GPU owner runs does not rot."""

@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")
 @pytest.fixture(scope="module")
 def table():
     """compile_check's rows, each [kernel, variant, arch, registers, spill bytes, tensor-core
-    ops, barriers around the atomic] (one run for the module: it compiles 56 kernels)."""
+    ops, barriers around the atomic] (one run for the module: it compiles 72 kernels)."""
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
         pytest.skip("this Triton has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -32,7 +32,7 @@ def table():
 def test_every_kernel_variant_compiles_for_sm80_and_sm90_without_spills(table):
     rows, out = table
     kernels = {(r[0], r[1]) for r in rows}
-    assert sum(k == "pairwise cost" for k, _ in kernels) == 20 and sum(k == "einsum bmm" for k, _ in kernels) == 8
+    assert sum(k == "pairwise cost" for k, _ in kernels) == 20 and sum(k == "einsum bmm" for k, _ in kernels) == 16
     for kernel, variant, arch, regs, spill, tensor_ops, _ in rows:
         assert int(spill) == 0, f"{kernel} {variant} spills on {arch}"
         assert int(tensor_ops) > 0, f"{kernel} {variant}: no tensor-core instruction on {arch}"

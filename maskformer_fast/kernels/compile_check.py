@@ -132,15 +132,20 @@ def cost_variants(arch: int):
 
 
 def bmm_variants():
-    """The einsum's batched matmul: the forward pass (unit stride on N) and the gradients'
-    transposed operands (unit stride on M of the first operand), in each dtype and precision."""
+    """The einsum's batched matmul: the forward pass (unit stride on N), the feature's gradient
+    (transposed first operand: unit stride on M) and the embedding's gradient (unit stride on
+    K in both operands; K split or not), in each dtype and precision."""
     f = triton_einsum
+    layouts = (("forward", ("sak", "scn", "son"), False, f.BLOCK_K),
+               ("transposed a", ("sam", "scn", "son"), False, f.BLOCK_K),
+               ("grad embed", ("sak", "sck", "son"), False, f.BLOCK_K_GRAD_EMBED),
+               ("grad embed, split K", ("sak", "sck", "son"), True, f.BLOCK_K_GRAD_EMBED))
     for dtype, precision in (("fp32", "tf32"), ("fp32", "tf32x3"), ("fp16", "ieee"), ("bf16", "ieee")):
-        for layout, unit in (("forward", ("sak", "scn", "son")), ("transposed a", ("sam", "scn", "son"))):
+        for layout, unit, split, block_k in layouts:
             types = {n: "i32" for n in f._bmm_kernel.arg_names}
-            types.update(a_ptr=f"*{dtype}", c_ptr=f"*{dtype}", o_ptr=f"*{dtype}")
-            constants = dict(PRECISION=precision, BLOCK_M=f.BLOCK_M, BLOCK_N=f.BLOCK_N, BLOCK_K=f.BLOCK_K,
-                             **{n: 1 for n in unit})
+            types.update(a_ptr=f"*{dtype}", c_ptr=f"*{dtype}", o_ptr="*fp32" if split else f"*{dtype}")
+            constants = dict(SPLIT=split, PRECISION=precision, BLOCK_M=f.BLOCK_M, BLOCK_N=f.BLOCK_N,
+                             BLOCK_K=block_k, **{n: 1 for n in unit})
             yield "einsum bmm", f"{dtype} {precision}, {layout}", f._bmm_kernel, types, constants, f.NUM_WARPS
 
 
