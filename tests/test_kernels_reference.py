@@ -331,3 +331,16 @@ def test_targets_as_lists(backend, device):
         pairwise_mask_cost(on(x), masks, on(counts), backend=backend)
     with pytest.raises(ValueError, match="expected 3 target tensors"):
         pairwise_mask_cost(on(x), masks[:2], backend=backend)
+
+
+def test_gpu_kernels_check_script_runs_in_cpu_smoke_mode(tmp_path):
+    """scripts/gpu_kernels_check.py, the one prepared GPU run, on tiny sizes through the
+    interpreter: its Python is proven before GPU time is spent on it."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the script itself runs")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                          "gpu_kernels_check.py")
+    out = subprocess.run([sys.executable, script, "--cpu-smoke", "--budget", "600", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "0 FAIL/ERROR" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (tmp_path / "kernels.json").exists() and (tmp_path / "kernels.txt").exists()
