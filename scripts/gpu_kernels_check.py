@@ -125,12 +125,16 @@ def clean(value):
 
 
 def save():
+    """kernels.json and kernels.txt as they stand (after every section: a run killed at its
+    time limit keeps what it did)."""
     if ARGS.out:
         os.makedirs(ARGS.out, exist_ok=True)
         results["elapsed_s"] = round(elapsed(), 1)
         results["summary"] = [list(r) for r in summary]
         with open(os.path.join(ARGS.out, "kernels.json"), "w") as f:
             json.dump(clean(results), f, indent=1)
+        with open(os.path.join(ARGS.out, "kernels.txt"), "w") as f:
+            f.write(summary_text() + "\n")
 
 
 def record(section: str, item: str, value: str, verdict: str, **details):
@@ -555,6 +559,9 @@ def _matching():
     if DEVICE.type != "cuda":
         record("matching", "sync debug / CUDA graph", "-", "SKIPPED (no CUDA)")
         return
+    if over_budget():
+        record("matching", "sync debug / CUDA graph", "-", "SKIPPED (budget)")
+        return
     # host syncs: every syncing call of the sync-free variant (mode "warn", each warning's
     # stack kept), then the verdict under mode "error"
     sites = []
@@ -628,24 +635,23 @@ def _matching():
 
 # --------------------------------------------------------------------------- summary
 
-def print_summary():
+def summary_text() -> str:
     rows = [("section", "item", "value", "verdict")] + summary
     widths = [min(max(len(r[i]) for r in rows), 90) for i in range(4)]
     lines = [" | ".join(c[:90].ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
-    fails = sum(r[3] in ("FAIL", "ERROR") for r in summary)
-    lines.append(f"\n{fails} FAIL/ERROR, {sum(r[3] == 'PASS' for r in summary)} PASS, "
+    lines.append(f"\n{failures()} FAIL/ERROR, {sum(r[3] == 'PASS' for r in summary)} PASS, "
                  f"{sum(r[3].startswith('SKIPPED') for r in summary)} skipped; {elapsed():.0f} s "
                  f"({results['mode']})")
-    text = "\n".join(lines)
-    print("\n" + text, flush=True)
-    if ARGS.out:
-        with open(os.path.join(ARGS.out, "kernels.txt"), "w") as f:
-            f.write(text + "\n")
-    return fails
+    return "\n".join(lines)
+
+
+def failures() -> int:
+    return sum(r[3] in ("FAIL", "ERROR") for r in summary)
 
 
 if __name__ == "__main__":
     for name, fn in SECTIONS:
         run_section(name, fn)
-    sys.exit(1 if print_summary() else 0)
+    print("\n" + summary_text(), flush=True)
+    sys.exit(1 if failures() else 0)
