@@ -171,9 +171,8 @@ def _cost_kernel(
         tl.store(ws + 2 * BLOCK_Q * BLOCK_T + rq, sum_b)
         tl.store(ws + 2 * BLOCK_Q * BLOCK_T + BLOCK_Q + rq, sum_p)
         tl.store(ws + 2 * BLOCK_Q * BLOCK_T + 2 * BLOCK_Q + rt, sum_y)
-        # One thread does the acq_rel atomic. PTX causality runs through the CTA barrier: the
-        # first bar.sync puts every warp's stores before its release, the second its acquire
-        # before every warp's loads (the result's broadcast has a barrier too; this one is ours).
+        # The atomic runs on one thread: bar.sync orders every warp's stores before its release,
+        # and its acquire before every warp's loads (PTX causality is transitive through it).
         tl.debug_barrier()
         arrived = tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel")
         tl.debug_barrier()
