@@ -35,7 +35,7 @@ def extension():
     # are tuned for the build machine (-march=native); MASKFORMER_FAST_CPU_ARCH=x86-64-v2
     # (or any -march value) builds for other machines.
     arch = os.environ.get("MASKFORMER_FAST_CPU_ARCH", "native")
-    cxx = ["-O3", "-fopenmp", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math"]
+    cxx = ["-std=c++20", "-O3", "-fopenmp", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math"]
     cxx += ["-fno-wrapv"]
     cxx += [f"-march={arch}"] if arch else []
     link = ["-fopenmp"]
@@ -53,7 +53,7 @@ def extension():
 
     for root in nvidia.__path__:
         include_dirs += glob.glob(os.path.join(root, "cu*", "include"))
-    nvcc = ["-O3", "-lineinfo", "-Xptxas", "-v", "--expt-relaxed-constexpr"]
+    nvcc = ["-std=c++20", "-O3", "-lineinfo", "-Xptxas", "-v", "--expt-relaxed-constexpr"]
     return CUDAExtension(
         "maskformer_fast._C", sources, include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link,
