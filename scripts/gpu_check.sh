@@ -4,7 +4,8 @@
 #
 #   LIMIT=540 OUT=/some/dir bash scripts/gpu_check.sh [PHASES]
 #
-# PHASES (default: all, in this order): build solver pytest kernels train sanitize.
+# PHASES (default: all but sweep, in this order): build solver pytest kernels train sweep
+# sanitize. TRAIN_ARGS: extra arguments for the training run.
 # Wheels in .whl/ (torch-linear-assignment, pycocotools) are installed into /tmp/site first.
 # Each phase has a time cap within LIMIT seconds; logs go to $OUT (at most 8 files), and a
 # summary prints last.
@@ -57,9 +58,10 @@ has pytest && run pytest 100 pytest.log $PY -m pytest -q -p no:cacheprovider -m 
 has kernels && run kernels 120 kernels.log $PY scripts/gpu_kernels_check.py --out "$OUT" --budget 100
 if has train; then
   rm -rf /tmp/squares_gpu
-  run train 80 train.log $PY -m maskformer_fast train --device cuda --out /tmp/squares_gpu
+  run train 80 train.log $PY -m maskformer_fast train --device cuda --out /tmp/squares_gpu ${TRAIN_ARGS:-}
   cat /tmp/squares_gpu/metrics.json >> "$OUT/train.log" 2>/dev/null
 fi
+has sweep && run sweep 90 kernels.log $PY scripts/gpu_cost_sweep.py
 if has sanitize; then
   for tool in memcheck racecheck; do
     run "sanitizer $tool" 45 pytest.log compute-sanitizer --tool $tool --error-exitcode 9 \

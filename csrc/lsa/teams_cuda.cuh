@@ -51,8 +51,8 @@ __device__ __forceinline__ Key lane_min_key(int32_t first, int32_t stride, int32
     typename Relax::Edge edge[Loads];
     int32_t r[Loads];
 #pragma unroll
-    for (int u = 0; u < Loads; ++u) {  // no branch: a column past n reloads n - 1
-      const int32_t j = min(k + u * stride, n - 1);
+    for (int u = 0; u < Loads; ++u) {  // no branch: a column past n reloads the lane's own k
+      const int32_t j = k + u * stride < n ? k + u * stride : k;
       edge[u] = relax.load(j), r[u] = rank[j];
     }
 #pragma unroll
@@ -113,7 +113,9 @@ class WarpTeam {
   template <class Relax>
   __device__ __forceinline__ Key argmin(int32_t n, Relax&& relax, const double* /*val*/,
                                         const int32_t* rank) const {
-    return warp_min_key(lane_min_key<kLoads>(lane_, size, n, relax, rank));
+    const Key best = warp_min_key(lane_min_key<kLoads>(lane_, size, n, relax, rank));
+    __syncwarp();  // (shuffles order no memory: every lane's reads before the leader's writes)
+    return best;
   }
 
  private:

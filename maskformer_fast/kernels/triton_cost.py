@@ -48,6 +48,7 @@ BLOCK_K = 64  # class logits per step of the online softmax
 MAX_BLOCK_T = 32  # targets per program
 NUM_WARPS = 8
 MIN_SPLIT_BLOCKS = 16  # pixel blocks per program at least, when a tile's pixels are split
+PROGRAMS_PER_SM = 2  # how many programs the split aims at per SM
 INTERPRETER_SPLIT = 2  # the interpreter splits in two, so that tests run both paths
 
 
@@ -212,13 +213,13 @@ def _block_p(embed: bool, device: torch.device) -> int:
 
 def _split(P: int, tiles: int, device: torch.device, block_p: int = BLOCK_P) -> tuple[int, int]:
     """(split, chunk): the pixels of each tile are shared by `split` programs, `chunk` each
-    (a multiple of block_p). On a GPU, enough programs to fill every SM twice, as long as each
+    (a multiple of block_p). On a GPU, PROGRAMS_PER_SM programs per SM, as long as each
     keeps MIN_SPLIT_BLOCKS pixel blocks: B * Q / BLOCK_Q tiles alone would leave most SMs idle
     on a typical batch (8 x 100 queries: 32 programs)."""
     blocks = triton.cdiv(P, block_p)
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        split = min(triton.cdiv(2 * sms, tiles), blocks // MIN_SPLIT_BLOCKS)
+        split = min(triton.cdiv(PROGRAMS_PER_SM * sms, tiles), blocks // MIN_SPLIT_BLOCKS)
     else:
         split = INTERPRETER_SPLIT
     split = max(1, min(split, blocks))
