@@ -122,7 +122,7 @@ def cost_variants(arch: int):
             types = {n: "fp32" if n in floats else "i32" for n in f._cost_kernel.arg_names}
             types.update(x_ptr=f"*{logits}", f_ptr=f"*{logits}", y_ptr=f"*{targets}", count_ptr="*i64",
                          cl_ptr="*fp32", lab_ptr="*i64", out_ptr="*fp32", ws_ptr="*fp32", arrived_ptr="*i32")
-            block_p = f.BLOCK_P_EMBED_SM90 if embed and arch >= 90 else f.BLOCK_P  # as f._block_p
+            block_p = f.BLOCK_P_SM90 if arch >= 90 else f.BLOCK_P  # as f._block_p
             constants = dict(EMBED=embed, FOCAL=focal, HAS_CLASS=has_class, SPLIT=split, PRECISION="tf32x3",
                              BLOCK_Q=f.BLOCK_Q, BLOCK_T=f.MAX_BLOCK_T, BLOCK_P=block_p, BLOCK_C=f.BLOCK_C,
                              BLOCK_K=f.BLOCK_K, **{n: 1 for n in unit})

@@ -33,22 +33,21 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-# Tiles: 64 queries x up to 32 targets per program, 16 pixels per step, 8 warps. Chosen so that
-# no variant spills registers on sm_80 or sm_90 (tests/test_triton_compile.py checks it without
-# a GPU); not yet tuned on one. Activations are computed once per logit for T <= 32 targets, once
-# per tile of 32 targets beyond that (64-target tiles spill on sm_80).
+# Tiles: 64 queries x up to 32 targets per program, 8 warps, 16 pixels per step (32 on sm_90
+# and newer), 4 programs per SM when a tile's pixels are split. Chosen so that no variant
+# spills registers on sm_80 or sm_90 (tests/test_triton_compile.py checks it without a GPU),
+# then the fastest such choice on an H200 (scripts/gpu_cost_sweep.py). Activations are
+# computed once per logit for T <= 32 targets, once per tile of 32 targets beyond that
+# (64-target tiles spill on sm_80).
 BLOCK_Q = 64  # queries per program
-BLOCK_P = 16  # pixels per step of the loop
-# From embeddings, every step reloads the [BLOCK_Q, C] embedding tile (4x the feature's bytes at
-# 16 pixels): sm_90 takes 32 pixels a step without spilling, halving that traffic; sm_80 spills.
-# (The whole tile kept for the loop spills at C = 256 on both.)
-BLOCK_P_EMBED_SM90 = 32
+BLOCK_P = 16  # pixels per step of the loop (sm_80 spills at 32)
+BLOCK_P_SM90 = 32  # fewer, longer steps: the loop is latency-bound
 BLOCK_C = 16  # channels per step of the embedding dot
 BLOCK_K = 64  # class logits per step of the online softmax
 MAX_BLOCK_T = 32  # targets per program
 NUM_WARPS = 8
 MIN_SPLIT_BLOCKS = 16  # pixel blocks per program at least, when a tile's pixels are split
-PROGRAMS_PER_SM = 2  # how many programs the split aims at per SM
+PROGRAMS_PER_SM = 4  # how many programs the split aims at per SM
 INTERPRETER_SPLIT = 2  # the interpreter splits in two, so that tests run both paths
 
 
@@ -203,11 +202,11 @@ def _cost_kernel(
 # Whether the kernel runs in Triton's interpreter (TRITON_INTERPRET=1 when it was defined).
 INTERPRETED = isinstance(_cost_kernel, InterpretedFunction)
 
-def _block_p(embed: bool, device: torch.device) -> int:
-    """Pixels per step: BLOCK_P, or BLOCK_P_EMBED_SM90 from embeddings on sm_90 and newer (and
-    in the interpreter, so that tests run it)."""
-    if embed and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9):
-        return BLOCK_P_EMBED_SM90
+def _block_p(device: torch.device) -> int:
+    """Pixels per step: BLOCK_P_SM90 on sm_90 and newer (and in the interpreter, so that tests
+    run it), else BLOCK_P."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9:
+        return BLOCK_P_SM90
     return BLOCK_P
 
 
@@ -244,7 +243,7 @@ def _launch(x, feat, tgt_masks, tgt_counts, class_logits, tgt_labels, *, embed, 
     if not embed:
         feat = x.new_zeros(1, 1, 1)
     block_t = min(max(16, triton.next_power_of_2(T)), MAX_BLOCK_T)
-    block_p = _block_p(embed, x.device)
+    block_p = _block_p(x.device)
     tiles = B * triton.cdiv(Q, BLOCK_Q) * triton.cdiv(T, block_t)
     split, chunk = _split(P, tiles, x.device, block_p)
     block_size = 2 * BLOCK_Q * block_t + 2 * BLOCK_Q + block_t
