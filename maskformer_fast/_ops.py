@@ -117,10 +117,15 @@ def lsa(
 ):
     """Runs the batched op on the chosen backend: (col4row [B, N] int64, status [B] int32).
     raise_errors: raise ValueError for the first failed item instead (raise_for_status)."""
-    if backend != "scipy":
+    if backend == "cpu":
         # (the op's own check: no Python after the solve, where each step costs most)
         return torch.ops.maskformer_fast.lsa(cost, sizes, maximize, raise_errors)
-    col4row, status = _lsa_scipy(cost, sizes, maximize)
+    if backend == "cuda":
+        # The statuses are read here, not by the op: an error raised from the CUDA op crashed
+        # the process on an H200 with torch 2.11 (the op reads them the same way: one sync).
+        col4row, status = torch.ops.maskformer_fast.lsa(cost, sizes, maximize, False)
+    else:
+        col4row, status = _lsa_scipy(cost, sizes, maximize)
     if raise_errors:
         raise_for_status(status, batched=True)
     return col4row, status

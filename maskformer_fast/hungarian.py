@@ -135,7 +135,7 @@ def batch_linear_sum_assignment(
     if sizes is not None:
         sizes = _as_sizes(sizes, tensor.shape[0], device)
     kind = device.type
-    if backend == "auto" and kind in ("cpu", "cuda") and _ops.has_kernel(kind):  # the op itself
+    if backend == "auto" and kind == "cpu" and _ops.has_kernel(kind):  # the op itself
         col4row, status = _ops.LSA(tensor, sizes, bool(maximize), errors == "raise")
     else:
         which = _ops.resolve_backend(backend, device)
