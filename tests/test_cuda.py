@@ -567,3 +567,27 @@ def test_public_api_errors_raise_syncs_once(capfd):
         message = "synchronizing CUDA operation"
         syncs = sum(message in str(w.message) for w in caught) + capfd.readouterr().err.count(message)
         assert raised == fails and syncs == 1, (fails, syncs, [str(w.message) for w in caught])
+
+
+@cuda
+@pytest.mark.cuda
+def test_op_errors_raise_and_do_not_crash():
+    """The CUDA op's own errors (raise_errors=True on a failed item, a malformed argument)
+    must be Python exceptions. On an H200 with torch 2.11 the first killed the process
+    (SIGSEGV), which the public API avoids by reading the statuses in Python; run in a
+    subprocess so that a crash fails this test only."""
+    code = (
+        "import torch, maskformer_fast._ops\n"
+        "c = torch.rand(4, 20, 30, device='cuda'); c[1, 3, 4] = float('nan')\n"
+        "for args in ((c, None, False, True), (c[0], None, False, False)):\n"
+        "    try:\n"
+        "        torch.ops.maskformer_fast.lsa(*args)\n"
+        "    except (ValueError, RuntimeError) as exc:\n"
+        "        print(type(exc).__name__, exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert result.returncode == 0, f"exit status {result.returncode}: {result.stderr[-2000:]}"
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("ValueError matrix contains invalid numeric entries (batch item 1)")
+    assert lines[1].startswith("ValueError lsa: expected a [B, N, M] cost tensor")
