@@ -24,10 +24,8 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -38,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from maskformer_fast import _ops  # noqa: E402
 from maskformer_fast.hungarian import batch_linear_sum_assignment  # noqa: E402
-from maskformer_fast.selfcheck import check_parity, corpus  # noqa: E402
+from maskformer_fast.selfcheck import check_parity, corpus, median_ms  # noqa: E402
 
 WIDTHS = (32, 64, 128, 256, 512)  # every team width the plan can pick
 DEVICE = "cuda"  # "cpu" with --smoke
@@ -61,27 +59,6 @@ def cases(g: torch.Generator, smoke: bool = False):
         ("1000x1000", torch.rand(1, 1000, 1000, generator=g), None),
         ("2000x2000", torch.rand(1, 2000, 2000, generator=g), None),
     ]
-
-
-def median_ms(fn, cuda: bool, budget_s: float = 1.0, min_reps: int = 3, max_reps: int = 30) -> float:
-    """Median of fn() in ms after one warm-up call (CUDA events, or the wall clock)."""
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    times, start = [], time.perf_counter()
-    while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() - start < budget_s):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def same_bits(got, want) -> bool:
