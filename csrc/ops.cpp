@@ -4,11 +4,16 @@
 #include <Python.h>
 #include <torch/library.h>
 
+namespace maskformer_fast {
+extern PyMethodDef lsa_pairs_method;  // csrc/lsa/pairs.cpp
+}
+
 extern "C" {
-// An empty Python module: importing maskformer_fast._C loads the library and so
-// runs the registrations below.
+// Importing maskformer_fast._C loads the library and so runs the registrations below.
+// The module itself holds one function, lsa_pairs (csrc/lsa/pairs.cpp).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {maskformer_fast::lsa_pairs_method, {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }
@@ -16,20 +21,24 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(maskformer_fast, m) {
   // Batched rectangular linear sum assignment, index-identical to scipy per item.
   // cost [B, N, M] (any real dtype, any strides); sizes [B, 2] int64 or None: item b
-  // is cost[b, :sizes[b, 0], :sizes[b, 1]]. Returns col4row [B, N] int64 (-1 where a
-  // row is unmatched or padding) and status [B] int32 (0 ok, 1 infeasible, 2 invalid).
-  // raise_errors: raise ValueError with scipy's message and the index of the first item
-  // that failed instead (errors="raise"; on CUDA that reads the statuses on the host).
+  // is cost[b, :sizes[b, 0], :sizes[b, 1]]. Or col_splits [B] int64 (DETR's layout,
+  // summing to M; sizes None): item b is cost[b, :, o_b : o_b + col_splits[b]] with o_b
+  // the sum of the splits before it. Returns col4row [B, N] int64 (-1 where a row is
+  // unmatched or padding; column indices within the item) and status [B] int32 (0 ok,
+  // 1 infeasible, 2 invalid, 3 sizes or splits out of range: CUDA, which checks them on
+  // the device). raise_errors: raise ValueError with scipy's message and the index of
+  // the first item that failed instead (errors="raise").
   m.def(
-      "lsa(Tensor cost, Tensor? sizes, bool maximize, bool raise_errors=False) -> "
-      "(Tensor col4row, Tensor status)");
+      "lsa(Tensor cost, Tensor? sizes, bool maximize, bool raise_errors=False, "
+      "Tensor? col_splits=None) -> (Tensor col4row, Tensor status)");
   // The same, also returning the optimal duals u [B, N], v [B, M] (float64) of the
   // minimisation (of -cost when maximize), with `lanes` = 1 for the production team or
   // a power of two up to 1024 for a team of that width (a simulated one on the CPU). For
   // tests, diagnostics and timings.
   m.def(
-      "lsa_duals(Tensor cost, Tensor? sizes, bool maximize, int lanes) -> "
-      "(Tensor col4row, Tensor status, Tensor u, Tensor v)");
+      "lsa_duals(Tensor cost, Tensor? sizes, bool maximize, int lanes, Tensor? col_splits=None) "
+      "-> (Tensor col4row, Tensor status, Tensor u, Tensor v)");
+
   // The pixel sums of the matching cost (CPU; maskformer_fast/kernels/reference.py): logits
   // [B, Q, P] (float), targets [B, T, P] in [0, 1], counts [B] or None (targets beyond an
   // image's count are not read). mask_cost "bce" or "focal" (alpha, gamma). With neg and pos

@@ -28,15 +28,26 @@ BACKENDS = ("auto", "cpu", "cuda", "scipy")
 
 if _LOAD_ERROR is None:
 
+    def _one_device(op: str, *tensors) -> None:
+        """The fake kernels run for meta (and fake) tensors. A real tensor on another device
+        in the same call lands here too (meta outranks CPU in dispatch): refuse it, rather
+        than return empty tensors where the real kernel's results were expected."""
+        devices = {t.device for t in tensors if t is not None}
+        if len(devices) > 1:
+            names = ", ".join(sorted(map(str, devices)))
+            raise ValueError(f"{op}: every tensor argument must be on one device, got {names}")
+
     @torch.library.register_fake("maskformer_fast::lsa")
-    def _lsa_fake(cost, sizes, maximize, raise_errors=False):
+    def _lsa_fake(cost, sizes, maximize, raise_errors=False, col_splits=None):
+        _one_device("lsa", cost, sizes, col_splits)
         batch, rows = cost.shape[0], cost.shape[1]
         return cost.new_empty((batch, rows), dtype=torch.int64), cost.new_empty(
             (batch,), dtype=torch.int32
         )
 
     @torch.library.register_fake("maskformer_fast::lsa_duals")
-    def _lsa_duals_fake(cost, sizes, maximize, lanes):
+    def _lsa_duals_fake(cost, sizes, maximize, lanes, col_splits=None):
+        _one_device("lsa_duals", cost, sizes, col_splits)
         batch, rows, cols = cost.shape
         return (
             cost.new_empty((batch, rows), dtype=torch.int64),
@@ -50,6 +61,7 @@ if _LOAD_ERROR is None:
 
         @torch.library.register_fake("maskformer_fast::mask_cost_sums")
         def _mask_cost_sums_fake(logits, targets, counts, mask_cost, alpha, gamma, chunk):
+            _one_device("mask_cost_sums", logits, targets, counts)
             B, Q, T = logits.shape[0], logits.shape[1], targets.shape[1]
             return logits.new_empty((B, 2, Q, T), dtype=torch.float32), logits.new_empty(
                 (B, 2, Q), dtype=torch.float32
@@ -57,6 +69,7 @@ if _LOAD_ERROR is None:
 
         @torch.library.register_fake("maskformer_fast::bilinear_sample")
         def _bilinear_sample_fake(planes, grid):
+            _one_device("bilinear_sample", planes, grid)
             return planes.new_empty((planes.shape[0], planes.shape[1], grid.shape[1]))
 
 
@@ -112,23 +125,52 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 LSA = torch.ops.maskformer_fast.lsa.default if _LOAD_ERROR is None else None
 
 
-def lsa(
-    cost: torch.Tensor, sizes: torch.Tensor | None, maximize: bool, backend: str, raise_errors=False
-):
+def lsa(cost: torch.Tensor, sizes: torch.Tensor | None, maximize: bool, backend: str,
+        raise_errors=False, col_splits: torch.Tensor | None = None):
     """Runs the batched op on the chosen backend: (col4row [B, N] int64, status [B] int32).
     raise_errors: raise ValueError for the first failed item instead (raise_for_status)."""
     if backend == "cpu":
         # (the op's own check: no Python after the solve, where each step costs most)
-        return torch.ops.maskformer_fast.lsa(cost, sizes, maximize, raise_errors)
+        return torch.ops.maskformer_fast.lsa(cost, sizes, maximize, raise_errors, col_splits)
     if backend == "cuda":
         # The statuses are read here, not by the op: an error raised from the CUDA op crashed
         # the process on an H200 with torch 2.11 (the op reads them the same way: one sync).
-        col4row, status = torch.ops.maskformer_fast.lsa(cost, sizes, maximize, False)
+        col4row, status = torch.ops.maskformer_fast.lsa(cost, sizes, maximize, False, col_splits)
     else:
-        col4row, status = _lsa_scipy(cost, sizes, maximize)
+        col4row, status = _lsa_scipy(cost, sizes, maximize, col_splits)
     if raise_errors:
         raise_for_status(status, batched=True)
     return col4row, status
+
+
+def pairs(col4row: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """scipy's (row_ind, col_ind) of every item of col4row [B, N], in one pass."""
+    if _LOAD_ERROR is None:
+        return _C.lsa_pairs(col4row)
+    out = []
+    for row in col4row:  # the fallback's pace
+        rows = torch.nonzero(row >= 0).flatten()
+        out.append((rows, row[rows]))
+    return out
+
+
+def check_col_splits(splits: list[int], batch: int, cols: int) -> None:
+    """DETR's column splits checked on the host, worded as the CPU op words it."""
+    if len(splits) != batch:
+        raise ValueError(
+            f"col_splits must have one entry per batch item ({batch}), got shape [{len(splits)}]"
+        )
+    offset = 0
+    for b, m in enumerate(splits):
+        if m < 0:
+            raise ValueError(f"col_splits[{b}] = {m} is negative")
+        if m > cols - offset:
+            raise ValueError(
+                f"col_splits sum to more than the cost's {cols} columns (from batch item {b})"
+            )
+        offset += m
+    if offset != cols:
+        raise ValueError(f"col_splits sum to {offset}, but the cost has {cols} columns")
 
 
 def raise_for_status(status: torch.Tensor, batched: bool) -> None:
@@ -147,18 +189,32 @@ def raise_for_status(status: torch.Tensor, batched: bool) -> None:
     raise ValueError(f"{message} (batch item {b})" if batched else message)
 
 
-def _lsa_scipy(cost: torch.Tensor, sizes: torch.Tensor | None, maximize: bool):
+def _lsa_scipy(cost: torch.Tensor, sizes: torch.Tensor | None, maximize: bool,
+               col_splits: torch.Tensor | None = None):
+    """The fallback: scipy per item, the arguments checked as the compiled ops check them."""
     batch, rows, cols = cost.shape
+    items = [(rows, cols, 0)] * batch  # (n, m, first column)
+    if col_splits is not None:
+        splits = col_splits.tolist()
+        check_col_splits(splits, batch, cols)
+        ends = np.cumsum(splits, dtype=np.int64)
+        items = [(rows, m, int(e) - m) for m, e in zip(splits, ends)]
+    elif sizes is not None:
+        for b, (n, m) in enumerate(sizes.tolist()):
+            if not (0 <= n <= rows and 0 <= m <= cols):
+                raise ValueError(f"sizes[{b}] = ({n}, {m}) is outside the padded problem "
+                                 f"[{rows}, {cols}] (batch item {b})")
+            items[b] = (n, m, 0)
     col4row = np.full((batch, rows), -1, dtype=np.int64)
     status = np.zeros(batch, dtype=np.int32)
     host = cost.detach().cpu()
     if host.dtype in (torch.float16, torch.bfloat16):
         host = host.double()
     host = host.numpy()
-    shape = sizes.cpu().numpy() if sizes is not None else np.tile([rows, cols], (batch, 1))
-    for b, (n, m) in enumerate(shape):
+    for b, (n, m, first) in enumerate(items):
         try:
-            r, c = scipy.optimize.linear_sum_assignment(host[b, :n, :m], maximize=maximize)
+            r, c = scipy.optimize.linear_sum_assignment(host[b, :n, first:first + m],
+                                                        maximize=maximize)
         except ValueError as exc:
             status[b] = STATUS_INFEASIBLE if "infeasible" in str(exc) else STATUS_INVALID
             continue

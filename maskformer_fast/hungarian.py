@@ -42,15 +42,12 @@ class BatchAssignment(NamedTuple):
     status: torch.Tensor | np.ndarray
 
     def pairs(self) -> list[tuple]:
-        """Per item, ``(row_ind, col_ind)`` exactly as scipy returns them for that item."""
-        out = []
-        for row in self.col4row:
-            if isinstance(row, np.ndarray):
-                rows = np.flatnonzero(row >= 0)
-            else:
-                rows = torch.nonzero(row >= 0).flatten()
-            out.append((rows, row[rows]))
-        return out
+        """Per item, ``(row_ind, col_ind)`` exactly as scipy returns them for that item: int64
+        tensors on the cost's device (numpy arrays for a numpy cost), empty for an item that
+        failed. One compiled pass; on CUDA one copy to the host and one back."""
+        if isinstance(self.col4row, np.ndarray):
+            return [(r.numpy(), c.numpy()) for r, c in _ops.pairs(torch.from_numpy(self.col4row))]
+        return _ops.pairs(self.col4row)
 
 
 def _as_tensor(cost: ArrayLike, ndim: int, what: str) -> tuple[torch.Tensor, bool]:
@@ -68,6 +65,8 @@ def _as_tensor(cost: ArrayLike, ndim: int, what: str) -> tuple[torch.Tensor, boo
             cost = cost.double()
         return cost, False
     arr = np.asarray(cost)
+    if not arr.dtype.isnative:  # byte-swapped ('>f8' here): torch takes native order only
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.ndim != ndim:
         raise ValueError(f"expected {what}, got a {arr.ndim} array")
     if not np.can_cast(arr.dtype, np.float64, casting="safe"):
@@ -99,10 +98,30 @@ def _as_sizes(sizes, batch: int, device: torch.device) -> torch.Tensor:
     return s.to(device=device, dtype=torch.int64, non_blocking=True)
 
 
+def _as_splits(col_splits, batch: int, cols: int, device: torch.device) -> torch.Tensor:
+    """col_splits as an int64 [B] tensor on the cost's device. Host values are checked here
+    for a CUDA cost (the CPU op checks its own; device values are checked by the kernel)."""
+    if isinstance(col_splits, torch.Tensor):
+        if col_splits.dtype.is_floating_point or col_splits.dtype.is_complex or col_splits.dim() != 1:
+            raise TypeError("col_splits must be a list or 1-D tensor of integers, got a "
+                            f"{col_splits.dim()}-D {col_splits.dtype} tensor")
+        s = col_splits
+    else:
+        s = torch.tensor(col_splits, dtype=torch.int64)
+        if s.dim() != 1:
+            raise TypeError(f"col_splits must be a list of integers, got {col_splits!r}")
+    if s.device == device:
+        return s if s.dtype is torch.int64 else s.long()
+    if s.is_cpu:
+        _ops.check_col_splits(s.tolist(), batch, cols)
+    return s.to(device=device, dtype=torch.int64, non_blocking=True)
+
+
 def batch_linear_sum_assignment(
     cost: ArrayLike,
     sizes: ArrayLike | None = None,
     *,
+    col_splits: ArrayLike | None = None,
     maximize: bool = False,
     errors: str = "raise",
     backend: str = "auto",
@@ -114,6 +133,10 @@ def batch_linear_sum_assignment(
             (float16, bfloat16, float32, float64); any strides (read in place).
         sizes: optional ``[B, 2]`` integers: item b is ``cost[b, :sizes[b, 0], :sizes[b, 1]]``;
             entries outside it are never read (NaN padding is fine).
+        col_splits: instead of sizes, DETR's layout: ``cost`` is ``[B, N, sum(col_splits)]``
+            and item b is ``cost[b, :, o_b : o_b + col_splits[b]]``, ``o_b`` the sum of the
+            splits before it, read where it lies (a list or 1-D integer tensor). Column
+            indices are within the item, as ``C.split(col_splits, -1)`` gives them.
         maximize: maximise the total instead (costs are negated, so +inf is invalid).
         errors: ``"raise"`` raises ValueError with scipy's message and the index of the
             first failing item; ``"status"`` never raises for the content of the costs
@@ -133,13 +156,18 @@ def batch_linear_sum_assignment(
     tensor, from_numpy = _as_tensor(cost, 3, "a batch of matrices (3-D array [B, N, M])")
     device = tensor.device
     if sizes is not None:
+        if col_splits is not None:
+            raise ValueError("give sizes or col_splits, not both")
         sizes = _as_sizes(sizes, tensor.shape[0], device)
+    elif col_splits is not None:
+        col_splits = _as_splits(col_splits, tensor.shape[0], tensor.shape[2], device)
     kind = device.type
     if backend == "auto" and kind == "cpu" and _ops.has_kernel(kind):  # the op itself
-        col4row, status = _ops.LSA(tensor, sizes, bool(maximize), errors == "raise")
+        col4row, status = _ops.LSA(tensor, sizes, bool(maximize), errors == "raise", col_splits)
     else:
         which = _ops.resolve_backend(backend, device)
-        col4row, status = _ops.lsa(tensor, sizes, bool(maximize), which, errors == "raise")
+        col4row, status = _ops.lsa(tensor, sizes, bool(maximize), which, errors == "raise",
+                                   col_splits)
     if from_numpy:
         col4row, status = col4row.numpy(), status.numpy()
     return tuple.__new__(BatchAssignment, (col4row, status))  # without NamedTuple's __new__
@@ -167,9 +195,7 @@ def linear_sum_assignment(cost: ArrayLike, maximize: bool = False, *, backend: s
     col4row, status = _ops.lsa(tensor.unsqueeze(0), None, bool(maximize), which)
     _ops.raise_for_status(status, batched=False)
     if not col4row.is_cpu:
-        row = col4row[0]
-        rows = torch.nonzero(row >= 0).flatten()
-        return rows, row[rows]
+        return _ops.pairs(col4row)[0]
     row = col4row.numpy()[0]  # numpy: a few microseconds less than torch on small arrays
     rows = np.flatnonzero(row >= 0)
     if from_numpy:

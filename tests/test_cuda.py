@@ -113,10 +113,12 @@ using namespace lsa::cuda;
 // staged (as the kernel does when it fits in shared memory) or read in place.
 extern "C" void emulate(const void* cost, int dtype, int64_t B, int64_t N, int64_t M,
                         const int64_t* strides, const int64_t* sizes, const int64_t* size_strides,
-                        bool maximize, int lanes, bool stage, int64_t* col4row, int32_t* status,
-                        double* u, double* v) {
+                        const int64_t* col_splits, const int64_t* col_ends, bool maximize,
+                        int lanes, bool stage, int64_t* col4row, int32_t* status, double* u,
+                        double* v) {
   const Batch p{cost, DType(dtype), B, N, M, strides[0], strides[1], strides[2], sizes,
-                size_strides[0], size_strides[1], maximize, col4row, status, u, v};
+                size_strides[0], size_strides[1], col_splits, col_ends, maximize, col4row,
+                status, u, v};
   const Plan plan = plan_for(B, N, M, 1, stage ? 1 << 30 : 0, lanes);
   std::vector<double> staged(stage ? plan.R * plan.C : 0), state(plan.state_bytes / 8);
   visit_dtype(p.dtype, [&](auto tag) {
@@ -154,8 +156,9 @@ extern "C" void plan(int64_t B, int64_t N, int64_t M, int sms, int smem_optin, i
         )  # fmt: skip
         self.lib = ctypes.CDLL(str(lib))
 
-    def solve(self, cost, sizes=None, maximize=False, lanes=WARP, stage=False):
+    def solve(self, cost, sizes=None, maximize=False, lanes=WARP, stage=False, col_splits=None):
         B, N, M = cost.shape
+        ends = col_splits.cumsum(0) if col_splits is not None else None
         out = (
             torch.empty(B, N, dtype=torch.int64), torch.empty(B, dtype=torch.int32),
             torch.empty(B, N, dtype=torch.float64), torch.empty(B, M, dtype=torch.float64),
@@ -166,6 +169,7 @@ extern "C" void plan(int64_t B, int64_t N, int64_t M, int sms, int smem_optin, i
             ctypes.c_int64(B), ctypes.c_int64(N), ctypes.c_int64(M), i64(*cost.stride()),
             ctypes.c_void_p(sizes.data_ptr() if sizes is not None else 0),
             i64(*(sizes.stride() if sizes is not None else (0, 0)), 0),
+            *(ctypes.c_void_p(t.data_ptr() if t is not None else 0) for t in (col_splits, ends)),
             ctypes.c_bool(maximize), lanes, ctypes.c_bool(stage),
             *(ctypes.c_void_p(t.data_ptr()) for t in out),
         )  # fmt: skip
@@ -227,6 +231,28 @@ def test_kernel_item_code_bad_sizes(emulator):
     want = duals(cost, good)
     for b in (0, 4):
         assert torch.equal(col4row[b], want[0][b]) and torch.equal(u[b], want[2][b])
+
+
+@needs_ops
+@pytest.mark.parametrize("stage", [False, True], ids=["in-place", "staged"])
+def test_kernel_item_code_col_splits(emulator, stage):
+    """DETR's layout: item b is cost[b, :, o_b : o_b + splits[b]], read in place (here a
+    transposed, strided view), equal to the CPU op; splits that do not sum to M, or that
+    run past it, give every item status 3 and nothing read."""
+    g = torch.Generator().manual_seed(11)
+    cost = torch.rand(4, 23, 9, generator=g).transpose(1, 2)[:, :, 1:]  # [4, 9, 22]
+    cost[1, :, 3:5] = 0.5  # ties
+    for splits in ([5, 0, 9, 8], [0, 0, 0, 22], [22, 0, 0, 0]):
+        splits = torch.tensor(splits)
+        for maximize in (False, True):
+            got = emulator.solve(cost, None, maximize, WARP, stage, col_splits=splits)
+            want = torch.ops.maskformer_fast.lsa_duals(cost, None, maximize, 1, col_splits=splits)
+            assert_identical(got, want, f"{splits.tolist()} maximize={maximize}")
+    for splits in ([5, 0, 9, 7], [5, 0, 9, 9], [30, -8, 0, 0]):
+        col4row, status, u, v = emulator.solve(cost, None, False, WARP, stage,
+                                               col_splits=torch.tensor(splits))
+        want = [STATUS_BAD_SIZES] * 4 if sum(splits) != 22 else [STATUS_BAD_SIZES] * 2 + [0, 0]
+        assert status.tolist() == want, splits
 
 
 @needs_ops

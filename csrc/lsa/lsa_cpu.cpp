@@ -32,6 +32,7 @@ using at::Tensor;
 struct Item {
   int64_t n, m;    // as given
   bool transpose;  // solve the m x n problem
+  int64_t offset;  // of the item's first column (col_splits), else 0
   int32_t rows() const { return int32_t(transpose ? m : n); }
   int32_t cols() const { return int32_t(transpose ? n : m); }
 };
@@ -170,28 +171,54 @@ bool load_oriented(const scalar_t* item, int64_t s_row, int64_t s_col, const Ite
   return invalid == 0;
 }
 
-std::vector<Item> read_items(const Tensor& cost, const std::optional<Tensor>& sizes) {
+std::vector<Item> read_items(const Tensor& cost, const std::optional<Tensor>& sizes,
+                             const std::optional<Tensor>& col_splits) {
   TORCH_CHECK_VALUE(cost.dim() == 3, "lsa: expected a [B, N, M] cost tensor, got ", cost.dim(),
                     " dimensions");
   const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
   TORCH_CHECK_VALUE(N < std::numeric_limits<int32_t>::max() && M < std::numeric_limits<int32_t>::max(),
                     "lsa: each side of a problem must be below 2**31, got ", N, " x ", M);
+  for (const auto* t : {&sizes, &col_splits}) {
+    TORCH_CHECK_VALUE(!t->has_value() || (*t)->device() == cost.device(), "lsa: ",
+                      t == &sizes ? "sizes" : "col_splits", " must be on the cost's device (",
+                      cost.device(), "), got ", (**t).device());
+  }
   std::vector<Item> items(B);
+  if (col_splits.has_value()) {
+    TORCH_CHECK_VALUE(!sizes.has_value(), "lsa: give sizes or col_splits, not both");
+    const Tensor& s = *col_splits;
+    TORCH_CHECK_TYPE(s.scalar_type() == at::kLong, "lsa: col_splits must be int64, got ",
+                     s.scalar_type());
+    TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == B, "col_splits must have one entry per batch item (",
+                      B, "), got shape ", s.sizes());
+    const auto acc = s.accessor<int64_t, 1>();
+    int64_t offset = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t m = acc[b];
+      TORCH_CHECK_VALUE(m >= 0, "col_splits[", b, "] = ", m, " is negative");
+      TORCH_CHECK_VALUE(m <= M - offset, "col_splits sum to more than the cost's ", M,
+                        " columns (from batch item ", b, ")");
+      items[b] = Item{N, m, m < N, offset};
+      offset += m;
+    }
+    TORCH_CHECK_VALUE(offset == M, "col_splits sum to ", offset, ", but the cost has ", M,
+                      " columns");
+    return items;
+  }
   if (!sizes.has_value()) {
-    for (auto& it : items) it = Item{N, M, M < N};
+    for (auto& it : items) it = Item{N, M, M < N, 0};
     return items;
   }
   const Tensor& s = *sizes;
   TORCH_CHECK_VALUE(s.dim() == 2 && s.size(0) == B && s.size(1) == 2,
                     "lsa: sizes must have shape [B, 2] = [", B, ", 2], got ", s.sizes());
   TORCH_CHECK_TYPE(s.scalar_type() == at::kLong, "lsa: sizes must be int64, got ", s.scalar_type());
-  TORCH_CHECK_VALUE(s.device().is_cpu(), "lsa: sizes must be on the CPU for a CPU cost");
   const auto acc = s.accessor<int64_t, 2>();
   for (int64_t b = 0; b < B; ++b) {
     const int64_t n = acc[b][0], m = acc[b][1];
     TORCH_CHECK_VALUE(0 <= n && n <= N && 0 <= m && m <= M, "sizes[", b, "] = (", n, ", ", m,
                       ") is outside the padded problem [", N, ", ", M, "] (batch item ", b, ")");
-    items[b] = Item{n, m, m < n};
+    items[b] = Item{n, m, m < n, 0};
   }
   return items;
 }
@@ -247,12 +274,13 @@ void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximi
     // `scratch`; sets `valid` and `checked` (a copy checks its entries as it goes).
     const auto view_of = [&](int64_t b, Scratch<T>& scratch, bool& valid, bool& checked) {
       const Item& it = items[b];
+      const scalar_t* item = base + b * s0 + it.offset * s2;
       DenseCost<T> view{nullptr, s1};
-      if (!it.transpose && !maximize && s2 == 1) view.data = as_stored<T>(base + b * s0);
+      if (!it.transpose && !maximize && s2 == 1) view.data = as_stored<T>(item);
       valid = true, checked = false;
       if (view.data == nullptr) {
         T* copy = scratch.item(it.rows(), it.cols());
-        valid = load_oriented(base + b * s0, s1, s2, it, maximize, copy, scratch.ld(it.cols()));
+        valid = load_oriented(item, s1, s2, it, maximize, copy, scratch.ld(it.cols()));
         checked = true;
         view = {copy, scratch.ld(it.cols())};
       }
@@ -312,8 +340,9 @@ void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximi
 }
 
 std::tuple<Tensor, Tensor> lsa_cpu(const Tensor& cost, const std::optional<Tensor>& sizes,
-                                   bool maximize, bool raise_errors) {
-  const auto items = read_items(cost, sizes);
+                                   bool maximize, bool raise_errors,
+                                   const std::optional<Tensor>& col_splits) {
+  const auto items = read_items(cost, sizes, col_splits);
   auto col4row = at::full({cost.size(0), cost.size(1)}, -1, cost.options().dtype(at::kLong));
   auto status = at::empty({cost.size(0)}, cost.options().dtype(at::kInt));
   solve_batch(cost, items, maximize, 1, col4row, status, nullptr, nullptr);
@@ -323,11 +352,12 @@ std::tuple<Tensor, Tensor> lsa_cpu(const Tensor& cost, const std::optional<Tenso
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> lsa_duals_cpu(const Tensor& cost,
                                                          const std::optional<Tensor>& sizes,
-                                                         bool maximize, int64_t lanes) {
+                                                         bool maximize, int64_t lanes,
+                                                         const std::optional<Tensor>& col_splits) {
   TORCH_CHECK_VALUE(lanes == 1 || (lanes >= 2 && lanes <= 1024 && (lanes & (lanes - 1)) == 0),
                     "lsa_duals: lanes must be 1 (sequential) or a power of two up to 1024, got ",
                     lanes);
-  const auto items = read_items(cost, sizes);
+  const auto items = read_items(cost, sizes, col_splits);
   auto opts = cost.options();
   auto col4row = at::full({cost.size(0), cost.size(1)}, -1, opts.dtype(at::kLong));
   auto status = at::empty({cost.size(0)}, opts.dtype(at::kInt));

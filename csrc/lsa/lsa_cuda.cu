@@ -15,6 +15,7 @@
 
 #if !defined(__CUDA_ARCH__)
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -51,8 +52,9 @@ DType to_dtype(at::ScalarType t) {
 
 // Checks the arguments (metadata only: nothing is read from the device), allocates the
 // outputs and the workspace, and launches. `u`, `v` are filled when defined.
-void solve_batch_cuda(const Tensor& cost, const std::optional<Tensor>& sizes, bool maximize,
-                      int64_t lanes, Tensor& col4row, Tensor& status, Tensor* u, Tensor* v) {
+void solve_batch_cuda(const Tensor& cost, const std::optional<Tensor>& sizes,
+                      const std::optional<Tensor>& col_splits, bool maximize, int64_t lanes,
+                      Tensor& col4row, Tensor& status, Tensor* u, Tensor* v) {
   const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
   lsa::cuda::Batch p{};
   p.cost = cost.const_data_ptr();
@@ -69,6 +71,23 @@ void solve_batch_cuda(const Tensor& cost, const std::optional<Tensor>& sizes, bo
                       cost.device(), "), got ", s.device());
     p.sizes = s.const_data_ptr<int64_t>();
     p.ss0 = s.stride(0), p.ss1 = s.stride(1);
+  }
+  Tensor splits, ends;  // (kept alive until the kernel is queued)
+  if (col_splits.has_value()) {
+    TORCH_CHECK_VALUE(!sizes.has_value(), "lsa: give sizes or col_splits, not both");
+    TORCH_CHECK_TYPE(col_splits->scalar_type() == at::kLong, "lsa: col_splits must be int64, got ",
+                     col_splits->scalar_type());
+    TORCH_CHECK_VALUE(col_splits->dim() == 1 && col_splits->size(0) == B,
+                      "col_splits must have one entry per batch item (", B, "), got shape ",
+                      col_splits->sizes());
+    TORCH_CHECK_VALUE(col_splits->device() == cost.device(),
+                      "lsa: col_splits must be on the cost's device (", cost.device(), "), got ",
+                      col_splits->device());
+    // Checked by the kernel (status 3), not here: that would read them on the host.
+    splits = col_splits->contiguous();
+    ends = at::cumsum(splits, 0);
+    p.col_splits = splits.const_data_ptr<int64_t>();
+    p.col_ends = ends.const_data_ptr<int64_t>();
   }
   p.maximize = maximize;
   p.col4row = col4row.mutable_data_ptr<int64_t>();
@@ -87,6 +106,9 @@ void solve_batch_cuda(const Tensor& cost, const std::optional<Tensor>& sizes, bo
 }
 
 void check_cost(const Tensor& cost) {
+  // (A CPU cost gets here when another argument is on a CUDA device.)
+  TORCH_CHECK_VALUE(cost.is_cuda(), "lsa: the cost is on ", cost.device(),
+                    " but another argument is on a CUDA device");
   TORCH_CHECK_VALUE(cost.dim() == 3, "lsa: expected a [B, N, M] cost tensor, got ", cost.dim(),
                     " dimensions");
   TORCH_CHECK_VALUE(cost.size(1) < std::numeric_limits<int32_t>::max() &&
@@ -96,13 +118,14 @@ void check_cost(const Tensor& cost) {
 }
 
 std::tuple<Tensor, Tensor> lsa_cuda(const Tensor& cost, const std::optional<Tensor>& sizes,
-                                    bool maximize, bool raise_errors) {
+                                    bool maximize, bool raise_errors,
+                                    const std::optional<Tensor>& col_splits) {
   check_cost(cost);
   const c10::cuda::CUDAGuard guard(cost.device());
   const auto opts = cost.options();
   Tensor col4row = at::empty({cost.size(0), cost.size(1)}, opts.dtype(at::kLong));
   Tensor status = at::empty({cost.size(0)}, opts.dtype(at::kInt));
-  solve_batch_cuda(cost, sizes, maximize, 1, col4row, status, nullptr, nullptr);
+  solve_batch_cuda(cost, sizes, col_splits, maximize, 1, col4row, status, nullptr, nullptr);
   if (raise_errors) {
     const Tensor host = status.cpu();  // (a sync)
     raise_for_status(host.const_data_ptr<int32_t>(), host.size(0));
@@ -115,7 +138,8 @@ std::tuple<Tensor, Tensor> lsa_cuda(const Tensor& cost, const std::optional<Tens
 // CPU's simulated team of the same width.
 std::tuple<Tensor, Tensor, Tensor, Tensor> lsa_duals_cuda(const Tensor& cost,
                                                           const std::optional<Tensor>& sizes,
-                                                          bool maximize, int64_t lanes) {
+                                                          bool maximize, int64_t lanes,
+                                                          const std::optional<Tensor>& col_splits) {
   TORCH_CHECK_VALUE(lanes == 1 || (lanes >= lsa::kWarpSize && lanes <= lsa::cuda::kMaxBlockThreads &&
                                    (lanes & (lanes - 1)) == 0),
                     "lsa_duals: on CUDA, lanes must be 1 (automatic), ", lsa::kWarpSize,
@@ -128,7 +152,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lsa_duals_cuda(const Tensor& cost,
   Tensor status = at::empty({cost.size(0)}, opts.dtype(at::kInt));
   Tensor u = at::empty({cost.size(0), cost.size(1)}, opts.dtype(at::kDouble));
   Tensor v = at::empty({cost.size(0), cost.size(2)}, opts.dtype(at::kDouble));
-  solve_batch_cuda(cost, sizes, maximize, lanes, col4row, status, &u, &v);
+  solve_batch_cuda(cost, sizes, col_splits, maximize, lanes, col4row, status, &u, &v);
   return {col4row, status, u, v};
 }
 

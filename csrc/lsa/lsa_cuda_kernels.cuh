@@ -56,6 +56,10 @@ struct Batch {
   int64_t s0, s1, s2;
   const int64_t* sizes;  // nullptr: every item is N x M
   int64_t ss0, ss1;
+  // DETR's layout instead of sizes: item b is N x col_splits[b], its columns ending at
+  // col_ends[b] (the running sum). Both contiguous [B] (device), or nullptr.
+  const int64_t* col_splits;
+  const int64_t* col_ends;
   bool maximize;
   int64_t* col4row;
   int32_t* status;
@@ -128,12 +132,16 @@ LSA_HD void solve_item(Team& team, const Batch& p, const Plan& plan, int64_t b, 
                            double* staged) {
   // The item's size. sizes come from the caller's device memory and are only trusted
   // once checked: an item outside the padded [N, M] gets kBadSizes and reads nothing.
-  int64_t given_n = p.N, given_m = p.M;
+  int64_t given_n = p.N, given_m = p.M, offset = 0;
   if (p.sizes != nullptr) {
     given_n = p.sizes[b * p.ss0];
     given_m = p.sizes[b * p.ss0 + p.ss1];
   }
-  const bool in_range = 0 <= given_n && given_n <= p.N && 0 <= given_m && given_m <= p.M;
+  bool in_range = 0 <= given_n && given_n <= p.N && 0 <= given_m && given_m <= p.M;
+  if (p.col_splits != nullptr) {  // the splits must also sum to M
+    given_m = p.col_splits[b], offset = p.col_ends[b] - given_m;
+    in_range = 0 <= given_m && 0 <= offset && p.col_ends[b] <= p.M && p.col_ends[p.B - 1] == p.M;
+  }
   const int32_t n = in_range ? int32_t(given_n) : 0, m = in_range ? int32_t(given_m) : 0;
   // Orient so that rows <= cols (as scipy and the CPU path): a transposed item solves
   // cost[b].T, reading the caller's strides swapped.
@@ -142,7 +150,7 @@ LSA_HD void solve_item(Team& team, const Batch& p, const Plan& plan, int64_t b, 
   const Workspace w = carve(state, plan.R, plan.C);
   int32_t status = kBadSizes;
   if (in_range) {
-    const T* item = static_cast<const T*>(p.cost) + b * p.s0;
+    const T* item = static_cast<const T*>(p.cost) + b * p.s0 + offset * p.s2;
     if (staged != nullptr) {
       // Read in the caller's order (coalesced for a contiguous cost), stored oriented,
       // every entry checked on the way (NaN and -inf are the entries not above -inf).
