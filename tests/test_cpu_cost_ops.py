@@ -161,6 +161,23 @@ def test_bilinear_sample_nan_grid_and_layouts():
     assert torch.equal(point_sample(planes, coords).nan_to_num(), got.nan_to_num())  # the matcher's
 
 
+@pytest.mark.parametrize("tall", [False, True], ids=["wide", "tall"])
+def test_bilinear_sample_planes_past_float_precision(tall):
+    """Sides above 2**24, where float(W - 1) rounds up: a point whose corners all lie just
+    past the last pixel reads nothing (before the bound was an integer, the wide plane gave
+    25.0 where grid_sample gives 0 and the tall one read past its scratch)."""
+    side = 2**26 + 6
+    shape = (side, 1) if tall else (1, side)
+    planes = torch.zeros(1, 1, *shape)
+    planes[0, 0, 0, 0] = 100.0
+    edge = [1.0, -0.5] if not tall else [-0.5, 1.0]
+    grid = torch.tensor([[edge, [-1.0, -1.0], [-0.9999999, -0.9999999], [1.0, 1.0], [0.9999, 0.9999]]])
+    got = ops.bilinear_sample(planes, grid)
+    want = grid_sample_per_image(planes, grid)
+    assert got[0, 0, 0] == 0.0
+    assert torch.equal(got, want)
+
+
 def test_bilinear_sample_errors():
     with pytest.raises(RuntimeError, match=r"planes \[B, N, H, W\] and grid \[B, P, 2\]"):
         ops.bilinear_sample(torch.rand(2, 3, 4, 4), torch.rand(2, 5, 3))

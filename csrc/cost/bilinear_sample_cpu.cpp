@@ -56,9 +56,14 @@ void point(float gx, float gy, const Padded& pad, int32_t& offset, float* weight
   weight[1] = (1 - dy) * dx;
   weight[2] = dy * (1 - dx);
   weight[3] = dy * dx;
-  // some corner inside the plane (false for NaN): x0 in [-1, W - 1], y0 in [-1, H - 1]
-  const bool near = x0 >= -1 && x0 <= float(pad.W - 1) && y0 >= -1 && y0 <= float(pad.H - 1);
-  offset = int32_t(near ? pad.offset(int64_t(y0), int64_t(x0)) : pad.offset(pad.H, -1));
+  // Some corner inside the plane: x0 in [-1, W - 1], y0 in [-1, H - 1], compared as
+  // integers (float(W - 1) rounds above 2**24), once x0 and y0 are known to convert
+  // (false for NaN).
+  const float limit = float(pad.size());
+  const bool small = x0 >= -1 && x0 <= limit && y0 >= -1 && y0 <= limit;
+  const int64_t ix = small ? int64_t(x0) : -2, iy = small ? int64_t(y0) : -2;
+  const bool near = ix >= -1 && ix <= pad.W - 1 && iy >= -1 && iy <= pad.H - 1;
+  offset = int32_t(near ? pad.offset(iy, ix) : pad.offset(pad.H, -1));
 }
 
 // One plane at the P points: offsets [P] and weights [P, 4] from point(); `padded`: scratch

@@ -64,7 +64,8 @@ PyObject* lsa_pairs(PyObject* /*module*/, PyObject* arg) {
       if (j >= 0) rows[k] = i, cols[k++] = j;
     }
   }
-  if (!device.is_cpu()) buffer = buffer.to(device);
+  // (From pageable memory: the copy is staged before it returns, and needs no stream sync.)
+  if (!device.is_cpu()) buffer = buffer.to(device, /*non_blocking=*/true);
 
   PyObject* out = PyList_New(B);
   if (out == nullptr) return nullptr;
