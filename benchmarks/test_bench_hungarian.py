@@ -1,29 +1,42 @@
-"""The batched solver against the per-image scipy loop trainers use and against lapx.
+"""The batched solver against the per-image scipy loop trainers use and against lapx, each
+producing what a trainer uses: per item, the (row_ind, col_ind) pairs.
 
-Every solver gets a CPU torch tensor, as a trainer holds it, so conversion to numpy is
-timed. `pytest benchmarks/ --benchmark-only` prints a table of ratios at the end.
+Every solver gets a CPU torch tensor, as a trainer holds it, and returns index pairs: the
+scipy loop scipy's (the conversion to numpy timed), ours `.pairs()`, lapx its own. The DETR
+cases time DETR's solve step: its cost `C [B, Q, sum T]`, its loop over `C.split(sizes, -1)`
+with the `torch.as_tensor` conversion of the results, against the one-line swap
+`batch_linear_sum_assignment(C, col_splits=sizes).pairs()`. The solvers of a case are timed
+interleaved (conftest.interleaved); `pytest benchmarks/ --benchmark-only` prints the table.
 """
+
+import functools
 
 import lap
 import numpy as np
 import pytest
 import scipy.optimize
 import torch
+from conftest import interleaved
 
 from maskformer_fast.hungarian import batch_linear_sum_assignment
 
+TABLE = "Hungarian (CPU tensors in, index pairs out)"
 
-def _ragged(g):
-    cost = torch.rand(32, 100, 20, generator=g)
-    cols = torch.randint(1, 21, (32,), generator=g)
+
+def ragged(B, g):
+    cost = torch.rand(B, 100, 20, generator=g)
+    cols = torch.randint(1, 21, (B,), generator=g)
     return cost, torch.stack([torch.full_like(cols, 100), cols], 1)
 
 
 CASES = {
-    "B=32, 100 x U[1,20] ragged": _ragged,
+    "B=32, 100 x U[1,20] ragged": functools.partial(ragged, 32),
     "B=16, 100x50": lambda g: (torch.rand(16, 100, 50, generator=g), None),
     "B=64, 300x30": lambda g: (torch.rand(64, 300, 30, generator=g), None),
     "B=256, 50x50": lambda g: (torch.rand(256, 50, 50, generator=g), None),
+    "B=1, 100 x U[1,20]": functools.partial(ragged, 1),
+    "B=2, 100 x U[1,20] ragged": functools.partial(ragged, 2),
+    "B=8, 100 x U[1,20] ragged": functools.partial(ragged, 8),
     "1000x1000 float32": lambda g: (torch.rand(1, 1000, 1000, generator=g), None),
     "2000x2000 float32": lambda g: (torch.rand(1, 2000, 2000, generator=g), None),
     "1000x1000 integers in [0,10)": lambda g: (
@@ -58,7 +71,7 @@ def lapx_batch(fn):
 
 
 SOLVERS = {
-    "maskformer_fast": lambda cost, sizes: batch_linear_sum_assignment(cost, sizes),
+    "maskformer_fast": lambda cost, sizes: batch_linear_sum_assignment(cost, sizes).pairs(),
     "scipy loop": scipy_loop,
     "lapx lapjvr": lapx_loop(lap.lapjvr),
     "lapx lapjvh": lapx_loop(lap.lapjvh),
@@ -67,22 +80,58 @@ SOLVERS = {
 }
 
 
-@pytest.mark.parametrize("solver", list(SOLVERS))
+def assert_same_pairs(got, want):
+    assert len(got) == len(want)
+    for (r, c), (rr, cc) in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(r), rr)
+        np.testing.assert_array_equal(np.asarray(c), cc)
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_lsa(benchmark, table, case, solver):
+def test_lsa(benchmark, table, case):
     cost, sizes = CASES[case](torch.Generator().manual_seed(0))
-    if solver.endswith("_batch") and (sizes is not None or cost.shape[0] == 1):
-        pytest.skip("lapx batch functions take equal shapes; a single problem is no batch")
-    if benchmark.disabled and solver != "maskformer_fast" and cost.shape[1] >= 1000:
-        pytest.skip("large anchors only when timing")
-    fn = SOLVERS[solver]
-    if solver == "maskformer_fast":
-        # what is timed is what is right: identical to scipy on every item
-        got = fn(cost, sizes).pairs()
-        if not benchmark.disabled or cost.shape[1] < 1000:
-            for (r, c), (rr, cc) in zip(got, scipy_loop(cost, sizes)):
-                np.testing.assert_array_equal(r.numpy(), rr)
-                np.testing.assert_array_equal(c.numpy(), cc)
+    large = cost.shape[1] >= 1000
+    ours = functools.partial(SOLVERS["maskformer_fast"], cost, sizes)
+    if not benchmark.disabled or not large:  # what is timed is right: scipy's pairs, item by item
+        assert_same_pairs(ours(), scipy_loop(cost, sizes))
+    if benchmark.disabled:
+        benchmark(ours)
+        return
+    lapx_batch_ok = sizes is None and cost.shape[0] > 1  # equal shapes, and a batch
+    fns = {name: functools.partial(fn, cost, sizes) for name, fn in SOLVERS.items()
+           if lapx_batch_ok or not name.endswith("_batch")}
+    for name, seconds in interleaved(fns).items():
+        table.add_value(TABLE, case, name, seconds, "ms")
     benchmark.group = case
-    benchmark(fn, cost, sizes)
-    table.add("Hungarian (CPU tensors in)", case, solver, benchmark)
+    benchmark(ours)
+
+
+# DETR's solve step: B=32 images, T in U[1, 20] targets, Q queries.
+DETR_CASES = {f"DETR solve step, B=32, Q={q}": q for q in (100, 300, 900)}
+
+
+def detr_step(C, sizes):
+    """DETR's matcher.py from its cost on: `.cpu()`, scipy per split, `torch.as_tensor`."""
+    C = C.cpu()
+    indices = [scipy.optimize.linear_sum_assignment(c[i]) for i, c in enumerate(C.split(sizes, -1))]
+    return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64))
+            for i, j in indices]
+
+
+def swapped_step(C, sizes):
+    return batch_linear_sum_assignment(C, col_splits=sizes).pairs()
+
+
+@pytest.mark.parametrize("case", list(DETR_CASES))
+def test_detr_solve_step(benchmark, table, case):
+    g = torch.Generator().manual_seed(1)
+    sizes = torch.randint(1, 21, (32,), generator=g).tolist()
+    C = torch.rand(32, DETR_CASES[case], sum(sizes), generator=g)
+    got, want = swapped_step(C, sizes), detr_step(C, sizes)
+    assert all(torch.equal(a, x) and torch.equal(b, y) for (a, b), (x, y) in zip(got, want))
+    if not benchmark.disabled:
+        fns = {"maskformer_fast": lambda: swapped_step(C, sizes), "DETR loop": lambda: detr_step(C, sizes)}
+        for name, seconds in interleaved(fns).items():
+            table.add_value(TABLE, case, name, seconds, "ms")
+        benchmark.group = case
+    benchmark(swapped_step, C, sizes)

@@ -4,7 +4,7 @@
 #
 #   LIMIT=540 OUT=/some/dir bash scripts/gpu_check.sh [PHASES]
 #
-# PHASES (default: all but sweep, in this order): build solver pytest kernels train sweep
+# PHASES (default: all but sweep, in this order): build solver pytest detr kernels train sweep
 # sanitize. TRAIN_ARGS: extra arguments for the training run.
 # Wheels in .whl/ (torch-linear-assignment, pycocotools) are installed into /tmp/site first.
 # Each phase has a time cap within LIMIT seconds; logs go to $OUT (at most 8 files), and a
@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARC
 export MASKFORMER_FAST_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
 unset TRITON_INTERPRET
 PY=python3 OUT=${OUT:-$PWD/gpu_logs} LIMIT=${LIMIT:-540}
-PHASES=" ${*:-build solver pytest kernels train sanitize} " SUM=""
+PHASES=" ${*:-build solver pytest detr kernels train sanitize} " SUM=""
 mkdir -p "$OUT"
 has() { [[ "$PHASES" == *" $1 "* ]]; }
 # run NAME CAP LOG CMD...: CMD under min(CAP, time left) seconds, its output appended to LOG.
@@ -54,7 +54,9 @@ fi
 has solver && run solver 120 solver.log $PY scripts/gpu_solver_check.py --out "$OUT"
 XDIST=$($PY -c 'import xdist' 2>/dev/null && echo "-n 4")
 has pytest && run pytest 100 pytest.log $PY -m pytest -q -p no:cacheprovider -m cuda $XDIST -rfE \
-  tests/test_cuda.py tests/test_kernels_cuda.py tests/test_kernels_reference.py tests/test_matcher.py
+  tests/test_cuda.py tests/test_kernels_cuda.py tests/test_kernels_reference.py tests/test_matcher.py \
+  tests/test_pairs_and_splits.py
+has detr && run detr 60 detr.log $PY scripts/gpu_detr_check.py --out "$OUT"
 has kernels && run kernels 120 kernels.log $PY scripts/gpu_kernels_check.py --out "$OUT" --budget 100
 if has train; then
   rm -rf /tmp/squares_gpu
@@ -74,10 +76,15 @@ for B, N, M, lanes in [(4, 20, 30, 1), (3, 30, 20, 32), (2, 40, 300, 64), (1, 60
     c[0, 0, 0] = float('nan') if B > 2 else c[0, 0, 0]
     got, want = D(c.cuda(), None, False, lanes), D(c, None, False, 1)
     assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want)), (B, N, M, lanes)
+c, s = torch.rand(5, 40, 60, generator=g), torch.tensor([0, 7, 20, 33, 0])  # DETR's layout
+got, want = D(c.cuda(), None, False, 1, col_splits=s.cuda()), D(c, None, False, 1, col_splits=s)
+assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want)), 'col_splits'
+pairs = maskformer_fast._ops.pairs(got[0])
+assert all(torch.equal(r.cpu(), q) for p, w in zip(pairs, maskformer_fast._ops.pairs(want[0])) for r, q in zip(p, w))
 print('sanitized corpus: CUDA == CPU')"
   done
 fi
-for f in solver pytest kernels train; do
+for f in solver pytest detr kernels train; do
   [ -f "$OUT/$f.log" ] && { echo "--- $f"; tail -n 30 "$OUT/$f.log"; }
 done
 echo -e "== summary ($SECONDS s)\n$SUM"
