@@ -1,18 +1,25 @@
 """Figures (PNG): each query's mask beside the ground truth, the final instances over the
-input, the loss curve."""
+input, the loss curve. Drawn on Agg canvases of their own: matplotlib's global backend (the
+user's choice) and pyplot's figures are left alone."""
 
 from __future__ import annotations
 
 import os
 
 import matplotlib
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from maskformer_fast.evaluate import instances
 
-from maskformer_fast.evaluate import instances  # noqa: E402
+
+def _figure(rows: int = 1, cols: int = 1, **kwargs):
+    """A figure on an Agg canvas of its own and its axes ``[rows, cols]``."""
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, cols, squeeze=False)
 
 
 def _ground_truth(target: dict) -> np.ndarray:
@@ -28,12 +35,13 @@ def query_grid(model, dataset, path: str, rows: int = 6) -> None:
     """As the original figure: input | ground truth | every query's mask probability, with
     its most likely class and probability above it."""
     model.eval()
+    rows = min(rows, len(dataset))  # a held-out set may be smaller than the figure
     images = torch.stack([dataset[i][0] for i in range(rows)])
     out = model(images.to(next(model.parameters()).device))
     probs = out["pred_logits"].float().softmax(-1).cpu()
     masks = out["pred_masks"].float().sigmoid().cpu()
     Q = masks.shape[1]
-    fig, axes = plt.subplots(rows, Q + 2, figsize=(1.3 * (Q + 2), 1.4 * rows), squeeze=False)
+    fig, axes = _figure(rows, Q + 2, figsize=(1.3 * (Q + 2), 1.4 * rows))
     for r in range(rows):
         panels = [images[r, 0].numpy(), _ground_truth(dataset[r][1])] + [masks[r, q].numpy() for q in range(Q)]
         for c, panel in enumerate(panels):
@@ -49,17 +57,17 @@ def query_grid(model, dataset, path: str, rows: int = 6) -> None:
     axes[0, 1].set_title("ground truth", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 @torch.no_grad()
 def overlay(model, dataset, path: str, count: int = 8, min_score: float = 0.5) -> None:
     """The final instances (score >= ``min_score``) in colour over the input image."""
     model.eval()
+    count = min(count, len(dataset))
     images = torch.stack([dataset[i][0] for i in range(count)])
     out = model(images.to(next(model.parameters()).device))
-    colours = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, count, figsize=(2.0 * count, 2.3), squeeze=False)
+    colours = matplotlib.colormaps["tab10"]
+    fig, axes = _figure(1, count, figsize=(2.0 * count, 2.3))
     for i in range(count):
         ax = axes[0, i]
         canvas = np.repeat(images[i, 0].numpy()[..., None], 3, -1).clip(0, 1) * 0.5
@@ -72,11 +80,11 @@ def overlay(model, dataset, path: str, count: int = 8, min_score: float = 0.5) -
                      fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def loss_curve(history: list[float], path: str) -> None:
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, axes = _figure(figsize=(5, 3))
+    ax = axes[0, 0]
     ax.plot(np.arange(1, len(history) + 1), history, lw=0.8)
     ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -84,7 +92,6 @@ def loss_curve(history: list[float], path: str) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def draw_all(model, dataset, out: str, history: list[float] | None) -> None:
