@@ -1,7 +1,7 @@
 """Command line: ``maskformer-fast`` / ``python -m maskformer_fast``.
 
-    train [--data squares|shapes] [--out DIR] [--resume] ...   (the default command)
-    eval CHECKPOINT [--out DIR]
+    train [--data squares|shapes] [--out DIR] [--resume | --overwrite] ...   (the default)
+    eval CHECKPOINT [--out DIR] [--eval-images N]
     demo                                                        (batched matching vs scipy)
 """
 
@@ -78,6 +78,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="run folder (default runs/DATA)")
     p.add_argument("--data", default="squares", choices=["squares", "shapes"])
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a folder that holds another run (removes its files)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     for field, value in vars(defaults).items():
         if field != "data":
@@ -92,7 +94,7 @@ def _train(args) -> None:
     values.update({k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__ and v is not None})
     cfg = Config(**values)
     out = args.out or f"runs/{cfg.data}"
-    metrics = train(cfg, out, resume=args.resume, device=args.device)
+    metrics = train(cfg, out, resume=args.resume, device=args.device, overwrite=args.overwrite)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Under torchrun: gloo's worker threads must be done before the interpreter shuts
         # down (one that frees a collective's tensors then aborts the process).
@@ -103,24 +105,40 @@ def _train(args) -> None:
 
 
 def _eval(args) -> None:
-    from maskformer_fast.model import MaskFormer
-    from maskformer_fast.train import Config, evaluate_run, load_checkpoint
-
-    state = load_checkpoint(args.checkpoint)
-    cfg = Config.from_dict(state["config"])
-    if args.eval_images:
-        cfg.eval_images = args.eval_images
     from maskformer_fast.data import KINDS
+    from maskformer_fast.model import MaskFormer
+    from maskformer_fast.train import (Config, RunError, evaluate_run, folder_lock, held_run,
+                                       load_checkpoint)
 
-    model = MaskFormer(len(KINDS[cfg.data]), cfg.queries, cfg.dim, cfg.heads, cfg.layers)
-    model.load_state_dict(state["model"])
-    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-    os.makedirs(out, exist_ok=True)
-    metrics = evaluate_run(model, cfg, out, state.get("history"))
-    metrics["train_seconds"] = state.get("train_seconds")
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    # Everything is checked before anything is written.
+    state = load_checkpoint(args.checkpoint, required=("config", "model"))
+    try:
+        cfg = Config.from_dict(state["config"])
+        cfg.check()
+        model = MaskFormer(len(KINDS[cfg.data]), cfg.queries, cfg.dim, cfg.heads, cfg.layers)
+        model.load_state_dict(state["model"])
+    except (AttributeError, TypeError, ValueError, RuntimeError) as e:
+        raise RunError(f"{args.checkpoint} does not hold a model of this trainer ({e})") from None
+    if args.eval_images is not None:
+        cfg.eval_images = args.eval_images
+    # By default beside the checkpoint, in a folder of its own: the training run's metrics
+    # and figures stay as they are.
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
+    with folder_lock(out):
+        if held_run(out):
+            raise RunError(f"{out} holds a training run, whose metrics.json and figures eval would "
+                           "replace: choose another --out")
+        metrics = evaluate_run(model, cfg, out, state.get("history"),
+                               {"train_seconds": state.get("train_seconds")})
     print(json.dumps(metrics, indent=2))
+    print(f"metrics and figures in {out}/")
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -133,8 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     _train_args(p_train)
     p_eval = sub.add_parser("eval", help="evaluate a checkpoint on the held-out set")
     p_eval.add_argument("checkpoint")
-    p_eval.add_argument("--out", default=None, help="where to write metrics.json and figures")
-    p_eval.add_argument("--eval-images", type=int, default=None)
+    p_eval.add_argument("--out", default=None, help="where to write metrics.json and figures "
+                        "(default: eval/ in the checkpoint's folder)")
+    p_eval.add_argument("--eval-images", type=_at_least_one, default=None,
+                        help="held-out images (default: the checkpoint's setting)")
     p_demo = sub.add_parser("demo", help="batched Hungarian matching vs the scipy loop")
     p_demo.add_argument("--batch", type=int, default=16)
     p_demo.add_argument("--queries", type=int, default=100)
@@ -143,9 +163,15 @@ def main(argv: list[str] | None = None) -> None:
     p_demo.add_argument("--seed", type=int, default=0)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv or ["train"])
-    if args.command == "train":
-        _train(args)
-    elif args.command == "eval":
-        _eval(args)
-    else:
+    if args.command == "demo":
         demo(args.batch, args.queries, args.max_targets, args.layers, args.seed)
+        return
+    from maskformer_fast.train import RunError
+
+    try:
+        if args.command == "train":
+            _train(args)
+        else:
+            _eval(args)
+    except RunError as e:  # a bad setting, file or folder: the message says it all
+        raise SystemExit(f"maskformer-fast {args.command}: error: {e}") from None

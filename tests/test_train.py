@@ -1,10 +1,13 @@
 """Data, model, trainer and evaluation: the main job, end to end, at toy size."""
 
+import errno
 import json
 import os
+import re
 import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -16,7 +19,7 @@ import torch
 from maskformer_fast.data import SyntheticDataset
 from maskformer_fast.evaluate import coco_metrics, instances, panoptic, panoptic_quality
 from maskformer_fast.model import MaskFormer
-from maskformer_fast.train import Config, load_checkpoint, save_checkpoint, train
+from maskformer_fast.train import Config, _truncate_log, load_checkpoint, save_checkpoint, train
 
 TINY = dict(steps=12, batch_size=8, dim=16, layers=2, queries=4, eval_images=12, checkpoint_every=4)
 
@@ -100,6 +103,56 @@ def test_checkpoints_are_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
 
 
+class FullDisk:
+    """A file whose writes fail as on a full disk."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    writelines = write
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "log"])
+def test_full_disk_keeps_the_old_file_and_no_temporary_one(tmp_path, monkeypatch, what):
+    ckpt, log = str(tmp_path / "ckpt.pt"), tmp_path / "log.jsonl"
+    save_checkpoint(ckpt, {"step": 1})
+    log.write_text('{"step": 1}\n{"step": 2}\n')
+    real_fdopen = os.fdopen
+    with monkeypatch.context() as m, pytest.raises(OSError, match="No space left"):
+        m.setattr(os, "fdopen", lambda *args, **kwargs: FullDisk(real_fdopen(*args, **kwargs)))
+        save_checkpoint(ckpt, {"step": 2}) if what == "checkpoint" else _truncate_log(str(log), 1)
+    assert load_checkpoint(ckpt) == {"step": 1}
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "log.jsonl"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=oct)
+def test_replaced_files_keep_the_umask(tmp_path, umask):
+    """Checkpoints and the truncated log get the mode any new file gets (mkstemp's is 0600)."""
+    (tmp_path / "log.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    old = os.umask(umask)
+    try:
+        save_checkpoint(str(tmp_path / "ckpt.pt"), {"step": 1})
+        _truncate_log(str(tmp_path / "log.jsonl"), 1)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "log.jsonl").read_text() == '{"step": 1}\n'
+    for name in ("ckpt.pt", "log.jsonl"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~umask, name
+
+
 def test_tiny_training_run_learns_and_writes_everything(tmp_path):
     metrics = train(Config(**dict(TINY, steps=40, lr=3e-3, warmup=5)), str(tmp_path), progress=False)
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
@@ -180,9 +233,10 @@ def child_env():
     return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
 
 
-def kill_when_ready(folder, code, *args, timeout=300):
-    """Runs `code` in a new Python process; when it prints READY (it then waits), kills it
-    with SIGKILL: no handler, no clean-up, no flush runs in the child."""
+def kill_when_ready(folder, code, *args, sig=signal.SIGKILL, timeout=300):
+    """Runs `code` in a new Python process; when it prints READY (it then waits), sends it
+    `sig` (SIGKILL: no handler, no clean-up, no flush runs in the child). Returns its exit
+    status."""
     folder.mkdir(exist_ok=True)
     (folder / "child.py").write_text(code)
     deadline = time.monotonic() + timeout
@@ -197,13 +251,13 @@ def kill_when_ready(folder, code, *args, timeout=300):
                     if proc.poll() is not None and line != "READY":
                         break  # it ended (crashed) before it got there
             if line == "READY":
-                os.kill(proc.pid, signal.SIGKILL)
+                os.kill(proc.pid, sig)
         finally:
             if proc.poll() is None and line != "READY":
                 proc.kill()
             proc.wait()
     assert line == "READY", (folder / "child.err").read_text()[-3000:]
-    assert proc.returncode == -signal.SIGKILL
+    return proc.returncode
 
 
 # The child's ways to stop at a known point: it prints READY, then waits for its kill.
@@ -251,7 +305,7 @@ def test_checkpoint_survives_sigkill_while_saving(tmp_path, point):
     the temporary file it leaves behind does not disturb later saves."""
     folder = tmp_path / "run"
     folder.mkdir()
-    kill_when_ready(tmp_path / "child", SAVE_CHILD, folder / "ckpt.pt", point)
+    assert kill_when_ready(tmp_path / "child", SAVE_CHILD, folder / "ckpt.pt", point) == -signal.SIGKILL
     state = load_checkpoint(str(folder / "ckpt.pt"))
     assert state["step"] == 1 and torch.equal(state["weights"], torch.arange(1000.0))
     leftover = [f for f in os.listdir(folder) if f != "ckpt.pt"]
@@ -290,11 +344,12 @@ def test_training_sigkilled_then_resumed(tmp_path, point, uninterrupted):
     resumes from its last complete checkpoint and ends as the uninterrupted run: the same
     weights bit for bit, and a log with every step once."""
     out = tmp_path / "run"
-    kill_when_ready(tmp_path / "child", TRAIN_CHILD, out, point)
+    assert kill_when_ready(tmp_path / "child", TRAIN_CHILD, out, point) == -signal.SIGKILL
     assert load_checkpoint(str(out / "checkpoint.pt"))["step"] == {"mid-step": 8, "mid-save": 4}[point]
     leftover = [f for f in os.listdir(out) if f.startswith(".checkpoint-")]
     assert len(leftover) == (point == "mid-save")
     train(Config(**TINY), str(out), resume=True, evaluate_at_end=False, progress=False)
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]  # the resumed run removed it
     _, full, full_log = uninterrupted
     assert_same_run(full, load_checkpoint(str(out / "checkpoint.pt")))
     log = [json.loads(line) for line in open(out / "log.jsonl")]
@@ -308,9 +363,34 @@ def test_resume_drops_log_records_after_the_checkpoint(tmp_path, uninterrupted):
     train_steps(Config(**TINY), tmp_path, stop_after=4)
     with open(tmp_path / "log.jsonl", "a") as f:
         f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n" + '{"step": 6, "lo')
-    train(Config(**TINY), str(tmp_path), resume=True, evaluate_at_end=False, progress=False)
+    with pytest.warns(RuntimeWarning, match="line 6 is not a log record"):
+        train(Config(**TINY), str(tmp_path), resume=True, evaluate_at_end=False, progress=False)
     assert [json.loads(line) for line in open(tmp_path / "log.jsonl")] == uninterrupted[2]
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_sigterm_while_saving_leaves_no_temporary_file(tmp_path):
+    """SIGTERM (a scheduler's stop) half way through the checkpoint of step 8: the run
+    exits with 128 + 15 after removing its temporary file; the checkpoint of step 4 stays."""
+    out = tmp_path / "run"
+    assert kill_when_ready(tmp_path / "child", TRAIN_CHILD, out, "mid-save", sig=signal.SIGTERM) == 143
+    assert load_checkpoint(str(out / "checkpoint.pt"))["step"] == 4
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_resume_drops_damaged_log_lines(tmp_path, uninterrupted):
+    """A log line that is not UTF-8 or not JSON is dropped with a warning, not a crash."""
+    train_steps(Config(**TINY), tmp_path, stop_after=4)
+    lines = (tmp_path / "log.jsonl").read_bytes().splitlines(keepends=True)
+    lines[1] = b'{"step": 2, "loss": \xff}\n'
+    lines[2] = b'{"step": 3, "lo\n'
+    (tmp_path / "log.jsonl").write_bytes(b"".join(lines))
+    with pytest.warns(RuntimeWarning) as warned:
+        train(Config(**TINY), str(tmp_path), resume=True, evaluate_at_end=False, progress=False)
+    dropped = [str(w.message) for w in warned if "not a log record" in str(w.message)]
+    assert len(dropped) == 2 and "line 2 " in dropped[0] and "line 3 " in dropped[1]
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert log == [r for r in uninterrupted[2] if r["step"] not in (2, 3)]
 
 
 def nan_on_calls(monkeypatch, owner, name, calls, poison):
@@ -365,6 +445,35 @@ def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, monkeypatch, where):
         nan_on_calls(monkeypatch, MaskFormer, "forward", range(1, 100), nan_masks)
     with pytest.raises(FloatingPointError, match=f"3 consecutive steps .*non-finite {where}"):
         train(Config(**dict(TINY, max_bad_steps=3)), str(tmp_path), progress=False)
+
+
+def test_weights_that_went_non_finite_are_not_checkpointed(tmp_path):
+    """--lr inf: the first update makes the weights non-finite; the checkpoint due at step 2
+    is not written and the error says there is none."""
+    cfg = Config(**dict(TINY, steps=6, checkpoint_every=2, max_bad_steps=5, lr=float("inf"), batch_size=2))
+    with pytest.raises(FloatingPointError, match="not finite after step 2.*no checkpoint was written"):
+        train(cfg, str(tmp_path), progress=False)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_the_last_good_checkpoint_is_good(tmp_path, monkeypatch):
+    """The update of step 3 makes a weight infinite: the run stops at the checkpoint due at
+    step 4, naming the one of step 2, which holds finite weights."""
+    real, calls = torch.optim.AdamW.step, [0]
+
+    def step(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 3:
+            self.param_groups[0]["params"][0].data.fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(FloatingPointError, match=rf"after step 4 .*last good checkpoint is {re.escape(str(path))} \(step 2\)"):
+        train(Config(**dict(TINY, steps=6, checkpoint_every=2)), str(tmp_path), progress=False)
+    state = load_checkpoint(str(path))
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
 def test_cli_eval(tmp_path):
