@@ -423,3 +423,210 @@ def test_empty_batch_and_empty_images_of_another_size(num_points):
     matcher.generator.manual_seed(1)
     want = reference_match(outputs, targets, 2.0, 5.0, 5.0, "bce", num_points, torch.Generator().manual_seed(1))
     assert_same(matcher(outputs, targets), want)
+
+
+# ------------------------------------------------ non-finite and huge predictions
+
+ON_CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                            reason="needs a CUDA device")])
+
+
+def to_device(outputs, targets, device):
+    return ({k: v.to(device) for k, v in outputs.items()},
+            [{k: v.to(device) for k, v in t.items()} for t in targets])
+
+
+def transformers_match(outputs, targets, w_class, w_mask, w_dice, mask_cost, num_points=0, generator=None,
+                       clamp=True):
+    """transformers' matchers, per image: the cost (here the float64 reference), then, in
+    Mask2FormerHungarianMatcher (``clamp``), ``torch.minimum(cost, 1e10)``, ``torch.maximum(cost,
+    -1e10)``, ``torch.nan_to_num(cost, 0)``; MaskFormerHungarianMatcher hands it to scipy as it
+    is (which raises a ValueError on NaN or -inf)."""
+    out = []
+    for cost in reference_costs(outputs, targets, w_class, w_mask, w_dice, mask_cost, num_points, generator):
+        if clamp:
+            cost = torch.minimum(cost, torch.tensor(1e10, dtype=cost.dtype))
+            cost = torch.maximum(cost, torch.tensor(-1e10, dtype=cost.dtype))
+            cost = torch.nan_to_num(cost, 0)
+        r, c = scipy.optimize.linear_sum_assignment(cost.numpy())
+        out.append((torch.as_tensor(r), torch.as_tensor(c)))
+    return out
+
+
+def hf_call(matcher, outputs, targets):
+    return matcher(outputs["pred_masks"], outputs["pred_logits"], [t["masks"] for t in targets],
+                   [t["labels"] for t in targets])
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
+@pytest.mark.parametrize("num_points", [0, 300])
+def test_hf_mask2former_matcher_clamps_nonfinite_costs_as_transformers(num_points, device):
+    """NaN / inf predictions: transformers' Mask2FormerHungarianMatcher clamps its cost to
+    [-1e10, 1e10] and sets NaN to 0, so such queries still match; HFHungarianMatcher does the
+    same by default (it used to raise)."""
+    g = torch.Generator().manual_seed(4)
+    outputs, targets = make_batch(g, counts=[3, 6, 1, 0, 9], B=5, H=32, W=32)
+    masks, logits = outputs["pred_masks"], outputs["pred_logits"]
+    masks[0, 2] = float("nan")  # a diverged query: cost 0 for every target, the cheapest
+    masks[1, 4, 3:9, 5:11] = float("inf")
+    masks[2, 1] = -float("inf")
+    logits[3, 0] = float("nan")  # an image without targets
+    logits[4, 7, 0] = float("inf")  # softmax: NaN
+    masks[4, 3] = 1e38  # finite, huge: clamped to 1e10
+    assert HFHungarianMatcher().nonfinite == "clamp"
+    hf = HFHungarianMatcher(2.0, 5.0, 5.0, num_points=num_points, generator=torch.Generator().manual_seed(2))
+    got = hf_call(hf, *to_device(outputs, targets, device))
+    want = transformers_match(outputs, targets, 2.0, 5.0, 5.0, "bce", num_points, torch.Generator().manual_seed(2))
+    assert_same(got, want)
+    assert 2 in got[0][0].tolist() and 7 in got[4][0].tolist()  # the NaN queries are matched
+    # the same policy in the DETR convention
+    detr = HungarianMatcher(2.0, 5.0, 5.0, num_points, nonfinite="clamp", generator=torch.Generator().manual_seed(2))
+    assert_same(detr(*to_device(outputs, targets, device)), want)
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
+@pytest.mark.parametrize("where", ["nan_mask", "inf_pixel", "-inf_pixel", "inf_class"])
+def test_hf_maskformer_matcher_refuses_nan_costs_as_transformers(where, device):
+    """transformers' MaskFormerHungarianMatcher hands its cost to scipy unclamped: NaN or inf
+    predictions (a NaN cost: BCE with logits is NaN at +-inf) raise scipy's ValueError, except
+    in an image without targets (an empty cost). HFMaskFormerHungarianMatcher raises there too."""
+    g = torch.Generator().manual_seed(5)
+    outputs, targets = make_batch(g, counts=[3, 0, 5], B=3, H=32, W=32)
+    value = {"nan_mask": float("nan"), "inf_pixel": float("inf"), "-inf_pixel": -float("inf"),
+             "inf_class": float("inf")}[where]
+    if where == "inf_class":
+        outputs["pred_logits"][2, 4, 1] = value
+    else:
+        outputs["pred_masks"][2, 4, 3, 3] = value
+    outputs["pred_masks"][1, 0] = float("nan")  # no targets: no cost, no error
+    assert HFMaskFormerHungarianMatcher().nonfinite == "scipy"
+    with pytest.raises(ValueError, match="invalid numeric entries"):
+        transformers_match(outputs, targets, 1.0, 20.0, 1.0, "focal", clamp=False)
+    hf = HFMaskFormerHungarianMatcher(1.0, 20.0, 1.0)
+    with pytest.raises(ValueError, match="image 2 holds NaN"):
+        hf_call(hf, *to_device(outputs, targets, device))
+    outputs["pred_masks"][2, 4] = 0.0
+    outputs["pred_logits"][2, 4] = 0.0
+    assert_same(hf_call(hf, *to_device(outputs, targets, device)),
+                transformers_match(outputs, targets, 1.0, 20.0, 1.0, "focal", clamp=False))
+
+
+class RecordedCost:
+    """batch_linear_sum_assignment, recording the cost it is given."""
+
+    def __init__(self):
+        self.costs = []
+
+    def __call__(self, cost, *args, **kwargs):
+        self.costs.append(cost.cpu())
+        return batch_linear_sum_assignment(cost, *args, **kwargs)
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
+@pytest.mark.parametrize("path", ["cpu_kernel", "torch_ops"])
+@pytest.mark.parametrize("preset", ["maskformer", "mask2former"])
+def test_huge_finite_logits_are_costed_exactly(preset, path, device, monkeypatch):
+    """Mask logits of +-1e38 (and float32's largest) are finite: their cost is the float64
+    formula's, not an overflow refused as "NaN or inf". The fp32 kernels' pixel sums overflow
+    there, so such an image is costed again in float64; with MaskFormer's focal weight 20 the
+    cost (up to 1.5e39) does not fit in float32 and the cost matrix is float64."""
+    from maskformer_fast import matcher as matcher_module
+    from maskformer_fast.kernels import reference as kernel_reference
+
+    if path == "torch_ops":  # the torch ops of kernels/reference.py, not the compiled CPU kernel
+        monkeypatch.setattr(kernel_reference, "_use_cpu_kernel", lambda x: False)
+    recorded = RecordedCost()
+    monkeypatch.setattr(matcher_module, "batch_linear_sum_assignment", recorded)
+    g = torch.Generator().manual_seed(21)
+    outputs, targets = make_batch(g, B=3, Q=10, counts=[4, 6, 3])
+    masks = outputs["pred_masks"]
+    masks[0, 1] = 1e38
+    masks[0, 2] = -1e38
+    masks[1, 3, :8], masks[1, 3, 8:] = 1e38, -1e38
+    masks[1, 5, 2, 2] = -torch.finfo(torch.float32).max
+    outputs["pred_logits"][2, 6, 2] = 1e38  # a class logit: softmax has no trouble
+    weights = (1.0, 20.0, 1.0, 0, "focal") if preset == "maskformer" else (2.0, 5.0, 5.0, 300, "bce")
+    num_points, mask_cost = weights[3:]
+    want_costs = reference_costs(outputs, targets, *weights[:3], mask_cost, num_points,
+                                 torch.Generator().manual_seed(5))
+    assert all(torch.isfinite(c).all() for c in want_costs)
+    for nonfinite in ("raise", "forbid"):
+        matcher = HungarianMatcher(*weights[:3], num_points, mask_cost, nonfinite=nonfinite,
+                                   generator=torch.Generator().manual_seed(5))
+        got = matcher(*to_device(outputs, targets, device))
+        assert_same(got, reference_match(outputs, targets, *weights[:3], mask_cost, num_points,
+                                         torch.Generator().manual_seed(5)))
+        cost = recorded.costs[-1]
+        assert cost.dtype == (torch.float64 if preset == "maskformer" else torch.float32)
+        for b, want in enumerate(want_costs):
+            c = cost[b, :, : want.shape[1]].double()
+            assert torch.isfinite(c).all()
+            assert torch.allclose(c, want, rtol=1e-5, atol=1e-4), b
+
+
+# ------------------------------------------------ targets of several sizes in a batch
+
+
+def several_sizes_batch(seed, B=4, Q=10, counts=(3, 4, 0, 5), sizes=((16, 16), (24, 20), (40, 40), (9, 31))):
+    """Targets of a different size in every image (image 2, without targets, the largest)."""
+    g = torch.Generator().manual_seed(seed)
+    outputs, targets = make_batch(g, B=B, Q=Q, counts=list(counts))
+    for t, (H, W) in zip(targets, sizes):
+        t["masks"] = (torch.rand(len(t["labels"]), H, W, generator=g) < 0.4).float()
+    return outputs, targets
+
+
+def padded_to_largest(targets):
+    """MaskFormer's padding: zeros at the bottom and right, to the largest target size."""
+    sizes = [t["masks"].shape[-2:] for t in targets if len(t["labels"])]
+    H, W = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    return [dict(t, masks=F.pad(t["masks"], (0, W - t["masks"].shape[-1], 0, H - t["masks"].shape[-2])))
+            if len(t["labels"]) else t for t in targets]
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
+@pytest.mark.parametrize("hf", [False, True])
+def test_point_sampled_matching_of_targets_of_several_sizes(hf, device):
+    """Mask2Former's matcher (and transformers') samples each image's targets, at their own
+    size, at that image's points: target sizes may differ within a batch (they used to raise)."""
+    outputs, targets = several_sizes_batch(30)
+    cls = HFHungarianMatcher if hf else HungarianMatcher
+    matcher = cls(2.0, 5.0, 5.0, num_points=200, generator=torch.Generator().manual_seed(3))
+    data = to_device(outputs, targets, device)
+    got = hf_call(matcher, *data) if hf else matcher(*data)
+    assert_same(got, reference_match(outputs, targets, 2.0, 5.0, 5.0, "bce", 200, torch.Generator().manual_seed(3)))
+    if not hf:  # every decoder output in one call: the points of the first layer come first
+        matcher.generator.manual_seed(3)
+        layers = matcher.match_layers([data[0], data[0]], data[1])
+        matcher.generator.manual_seed(3)
+        assert torch.equal(layers[0], matcher(*data, as_tensor=True))
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
+def test_full_mask_matching_of_targets_of_several_sizes(device):
+    """Full masks: MaskFormer's matcher zero-pads the targets to the largest size, then resizes
+    them (nearest) to the prediction size; transformers' resizes each image's on its own."""
+    outputs, targets = several_sizes_batch(31)
+    data = to_device(outputs, targets, device)
+    want = reference_match(outputs, padded_to_largest(targets), 1.0, 20.0, 1.0, "focal")
+    assert_same(HungarianMatcher.maskformer()(*data), want)
+    want_hf = reference_match(outputs, targets, 1.0, 20.0, 1.0, "focal")
+    assert_same(hf_call(HFMaskFormerHungarianMatcher(1.0, 20.0, 1.0), *data), want_hf)
+    assert any(c.tolist() != cc.tolist() for (_, c), (_, cc) in zip(want, want_hf))  # the two differ here
+
+
+
+# ------------------------------------------------ empty batches, no queries
+
+
+@pytest.mark.parametrize("num_points", [0, 50])
+def test_matcher_without_queries_matches_nothing(num_points):
+    """Q = 0: no pairs (scipy on a [0, T] cost returns none), col4row [B, 0]; B = 0: nothing."""
+    _, targets = make_batch(torch.Generator().manual_seed(23), B=2, counts=[2, 0])
+    empty = {"pred_logits": torch.randn(2, 0, 6), "pred_masks": torch.randn(2, 0, 16, 16)}
+    matcher = HungarianMatcher(num_points=num_points)
+    for pairs in (matcher(empty, targets), hf_call(HFHungarianMatcher(num_points=num_points), empty, targets)):
+        assert [(r.tolist(), c.tolist()) for r, c in pairs] == [([], []), ([], [])]
+        assert all(r.dtype == c.dtype == torch.int64 for r, c in pairs)
+    assert matcher(empty, targets, as_tensor=True).shape == (2, 0)
+    assert matcher({k: v[:0] for k, v in empty.items()}, []) == []

@@ -22,6 +22,7 @@ the same.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from maskformer_fast import _ops
 
@@ -151,6 +152,40 @@ def pairwise_mask_cost_torch(mask_logits, tgt_masks, tgt_counts=None, class_logi
 
     return _cost(image_cost, B, Q, T, P, mask_logits.device, class_logits, tgt_labels, tgt_counts,
                  w_class, w_mask, w_dice)
+
+
+def pairwise_mask_cost_float64(mask_logits, tgt_masks, class_logits=None, tgt_labels=None, *, w_class=1.0,
+                               w_mask=1.0, w_dice=1.0, mask_cost="bce", alpha=0.25, gamma=2.0):
+    """One image's cost ``[Q, T]`` in float64, term by term as the reference matchers write it:
+    ``(pos . y + neg . (1 - y)) / P`` with ``pos = BCE(x, 1)``, ``neg = BCE(x, 0)`` (focal:
+    times ``alpha (1 - p)^gamma`` and ``(1 - alpha) p^gamma``), plus dice and class terms.
+
+    ``mask_logits [Q, P]``, ``tgt_masks [T, P]``, ``class_logits [Q, K+1]``, ``tgt_labels [T]``.
+    The fp32 kernels above sum ``neg`` over the pixels and subtract ``(neg - pos) . y``: for
+    logits beyond ~1e37 in magnitude those sums overflow, and for huge ones their rounding
+    drowns the small terms. Here no product of a pixel's term with a target that does not
+    select it is ever formed, and float64 holds any sum of float32 terms, so every finite
+    logit gets its exact cost; NaN or inf logits give the NaN / inf pattern of the
+    references (``F.binary_cross_entropy_with_logits`` at +-inf is NaN). Slow: the matcher
+    calls it only for images whose fp32 cost is not finite or huge."""
+    x, y = mask_logits.double(), tgt_masks.double()
+    P = x.shape[-1]
+    pos = F.binary_cross_entropy_with_logits(x, torch.ones_like(x), reduction="none")
+    neg = F.binary_cross_entropy_with_logits(x, torch.zeros_like(x), reduction="none")
+    p = torch.sigmoid(x)
+    if mask_cost == "focal":
+        pos = alpha * (1 - p) ** gamma * pos
+        neg = (1 - alpha) * p**gamma * neg
+    mask = (pos @ y.T + neg @ (1 - y).T) / max(P, 1)
+    dice = 1 - (2 * p @ y.T + 1) / (p.sum(-1)[:, None] + y.sum(-1)[None, :] + 1)
+    cost = w_mask * mask + w_dice * dice
+    if class_logits is not None and w_class != 0 and len(y):
+        prob = class_logits.double().softmax(-1)
+        K1 = prob.shape[-1]
+        labels = tgt_labels.to(prob.device)
+        picked = prob[:, labels.clamp(0, K1 - 1)]  # a label outside [0, K] gives NaN, as the kernels
+        cost = cost - w_class * picked.masked_fill(((labels < 0) | (labels >= K1))[None, :], float("nan"))
+    return cost
 
 
 def mask_cost_from_embeddings_torch(mask_embed, pixel_feat, tgt_masks, tgt_counts=None, class_logits=None,
