@@ -88,7 +88,8 @@ class SetCriterion(nn.Module):
         eos_coef: weight of the no-object class in the cross-entropy (0.1).
         mask_losses: names from :data:`MASK_LOSSES`.
         num_points: 0 for losses on full masks (predictions upsampled bilinearly to the
-            target size, as MaskFormer); else Mask2Former's importance-sampled points
+            target size, as MaskFormer; targets of several sizes zero-padded to the largest,
+            as MaskFormer and Mask2Former pad them); else Mask2Former's importance-sampled points
             (``oversample_ratio``, ``importance_sample_ratio``).
         generator: the torch.Generator that sampling points are drawn from.
     """
@@ -120,11 +121,25 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: dict, targets: Sequence[dict]) -> dict[str, torch.Tensor]:
         """``outputs``: ``{"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, h, w],
         "aux_outputs": [{...}, ...]}`` (aux optional); ``targets``: B dicts ``{"labels": [T],
-        "masks": [T, H, W]}``. Returns the unweighted losses; :meth:`total` weighs them."""
+        "masks": [T, H, W]}``. Returns the unweighted losses; :meth:`total` weighs them.
+
+        An empty batch (B = 0) gives every loss as 0, still tied to the outputs (``sum * 0``
+        of them), so that backward runs and reaches every parameter (as DDP needs). Outputs
+        with no queries (Q = 0) raise a ValueError: there is no loss to average."""
         layers = [outputs] + list(outputs.get("aux_outputs", []))
+        for i, layer in enumerate(layers):
+            if layer["pred_logits"].dim() == 3 and layer["pred_logits"].shape[1] == 0:
+                where = "outputs" if i == 0 else f"outputs['aux_outputs'][{i - 1}]"
+                raise ValueError(
+                    f"SetCriterion: {where} has no queries (pred_logits of shape "
+                    f"{list(layer['pred_logits'].shape)}, expected [B, Q, K+1] with Q >= 1): "
+                    "the classification loss is a mean over the queries"
+                )
         matches = self.matcher.match_layers(layers, targets)
         device = outputs["pred_logits"].device
-        tgt_masks, tgt_labels, counts = pad_targets(targets, device)
+        # targets of several sizes zero-padded to the largest, as MaskFormer's and
+        # Mask2Former's criteria pad them (nested_tensor_from_tensor_list)
+        tgt_masks, tgt_labels, counts = pad_targets(targets, device, sizes="pad")
         num_masks = self._num_masks(counts, device)
         losses = {}
         for i, (layer, col4row) in enumerate(zip(layers, matches)):
@@ -152,6 +167,8 @@ class SetCriterion(nn.Module):
         return max(float(n), 1.0)
 
     def _class_loss(self, logits: torch.Tensor, col4row: torch.Tensor, tgt_labels: torch.Tensor):
+        if logits.shape[0] == 0:  # an empty batch: cross_entropy's mean over nothing is NaN
+            return logits.float().sum() * 0
         matched = col4row >= 0
         if tgt_labels.shape[1]:
             labels = torch.gather(tgt_labels, 1, col4row.clamp(min=0))
@@ -164,6 +181,8 @@ class SetCriterion(nn.Module):
                      num_masks: float) -> dict[str, torch.Tensor]:
         b, q = torch.nonzero(col4row >= 0, as_tuple=True)
         src = pred_masks[b, q].float()  # [M, h, w]
+        if len(src) == 0:  # no matched pair (an empty batch, no targets): 0, tied to the outputs
+            return {f"loss_{name}": src.sum() * 0 for name in self.mask_losses}
         tgt = tgt_masks[b, col4row[b, q]]  # [M, H, W]
         if self.num_points == 0:
             if src.shape[-2:] != tgt.shape[-2:]:

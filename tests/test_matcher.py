@@ -615,8 +615,52 @@ def test_full_mask_matching_of_targets_of_several_sizes(device):
     assert any(c.tolist() != cc.tolist() for (_, c), (_, cc) in zip(want, want_hf))  # the two differ here
 
 
+def test_criterion_pads_targets_of_several_sizes():
+    """As MaskFormer's criterion (nested_tensor_from_tensor_list): targets zero-padded to the
+    largest size, the predictions upsampled to it."""
+    outputs, targets = several_sizes_batch(32)
+    matcher = HungarianMatcher(1.0, 5.0, 5.0, mask_cost="focal")
+    criterion = SetCriterion(5, matcher, {}, mask_losses=("bce", "brier", "focal", "dice"))
+    losses = criterion(outputs, targets)
+    padded = padded_to_largest(targets)
+    up = F.interpolate(outputs["pred_masks"], size=padded[0]["masks"].shape[-2:], mode="bilinear",
+                       align_corners=False)
+    want = direct_losses(outputs["pred_logits"], up, padded, matcher(outputs, targets), 5, 0.1)
+    assert_losses(losses, want)
+
 
 # ------------------------------------------------ empty batches, no queries
+
+
+@pytest.mark.parametrize("num_points", [0, 50])
+def test_criterion_on_an_empty_batch_gives_zero_losses_that_backprop(num_points):
+    """B = 0 (it raised from interpolate on full masks, and gave a NaN cross-entropy with
+    points): every loss 0, tied to the outputs, so backward reaches the parameters."""
+    head = torch.nn.Linear(8, 4 + 16)
+    x = head(torch.randn(0, 6, 8))
+    layer = {"pred_logits": x[..., :4], "pred_masks": x[..., 4:].reshape(0, 6, 4, 4)}
+    outputs = dict(layer, aux_outputs=[{k: v * 2 for k, v in layer.items()}])
+    matcher = HungarianMatcher(1.0, 5.0, 5.0, num_points=num_points, generator=torch.Generator().manual_seed(0))
+    criterion = SetCriterion(3, matcher, {"loss_ce": 1.0, "loss_bce": 5.0, "loss_dice": 5.0},
+                             num_points=num_points, generator=torch.Generator().manual_seed(1))
+    losses = criterion(outputs, [])
+    assert set(losses) == {f"loss_{k}{s}" for k in ("ce", "bce", "dice") for s in ("", "_0")}
+    for v in losses.values():
+        assert v.shape == () and v.item() == 0 and v.requires_grad
+    criterion.total(losses).backward()
+    assert head.weight.grad is not None and (head.weight.grad == 0).all()
+
+
+def test_criterion_refuses_outputs_without_queries():
+    """Q = 0: the cross-entropy is a mean over no query (it came back NaN without a word)."""
+    _, targets = make_batch(torch.Generator().manual_seed(22), B=2, counts=[2, 0])
+    criterion = SetCriterion(5, HungarianMatcher(), {})
+    empty = {"pred_logits": torch.randn(2, 0, 6), "pred_masks": torch.randn(2, 0, 16, 16)}
+    with pytest.raises(ValueError, match=r"outputs has no queries \(pred_logits of shape \[2, 0, 6\]"):
+        criterion(empty, targets)
+    full = {"pred_logits": torch.randn(2, 3, 6), "pred_masks": torch.randn(2, 3, 16, 16)}
+    with pytest.raises(ValueError, match=r"outputs\['aux_outputs'\]\[1\] has no queries"):
+        criterion(dict(full, aux_outputs=[full, empty]), targets)
 
 
 @pytest.mark.parametrize("num_points", [0, 50])
