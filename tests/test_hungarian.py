@@ -194,6 +194,18 @@ def two_threads():
     torch.set_num_threads(before)
 
 
+def test_batches_small_and_large_on_two_threads(two_threads):
+    """Below 64K entries in all a batch is solved by the calling thread, above by both
+    threads taking items as they come: scipy's indices either way (ragged, tied)."""
+    g = torch.Generator().manual_seed(12)
+    for B in (8, 80):  # 8 * 1200 and 80 * 1200 entries
+        cost = torch.randint(0, 4, (B, 40, 30), generator=g).float()
+        assert assert_batch_matches_scipy(cost) == B
+        sizes = torch.stack([torch.randint(0, 41, (B,), generator=g),
+                             torch.randint(0, 31, (B,), generator=g)], 1)
+        assert assert_batch_matches_scipy(cost, sizes) == B
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_single_wide_problem_on_two_threads(kind, two_threads):
     """A single problem of 512 columns or more (after orientation) is solved by two threads

@@ -229,6 +229,9 @@ std::vector<Item> read_items(const Tensor& cost, const std::optional<Tensor>& si
 // columns; below a few hundred columns the exchange costs more than it saves.
 constexpr int32_t kPairCols = 512;
 
+// A batch with fewer entries (all items together) than this is solved by one thread.
+constexpr int64_t kParallelEntries = 64 * 1024;
+
 // Solves every item; fills col4row [B, N] (-1 where unmatched), status [B], and,
 // when `u_out` is defined, the duals u [B, N] and v [B, M] in the caller's orientation.
 void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximize, int64_t lanes,
@@ -246,6 +249,12 @@ void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximi
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, N * M));
   const int64_t grabs = (B + grain - 1) / grain;
   std::atomic<int64_t> next{0};
+  // A small batch is solved by the calling thread alone: a second thread saves a few
+  // microseconds at best, and when its core is busy (a data loader) the join waits for
+  // the scheduler to run it, which can take milliseconds.
+  int64_t entries = 0;
+  for (const Item& it : items) entries += it.n * it.m;
+  const int64_t threads = entries < kParallelEntries ? 1 : std::min(grabs, int64_t(at::get_num_threads()));
 
   // Item b's results, from its workspace.
   const auto finish = [&](int64_t b, int32_t result, const lsa::Workspace& w) {
@@ -315,7 +324,7 @@ void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximi
     }
 #endif
 
-    at::parallel_for(0, std::min<int64_t>(grabs, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
       // Kept by each thread between calls (no allocation, no zeroing per call), unless large.
       thread_local Scratch<T> scratch;
       for (int64_t begin; (begin = next.fetch_add(grain, std::memory_order_relaxed)) < B;) {
