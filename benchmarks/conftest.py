@@ -26,7 +26,7 @@ def machine_name() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {gpu}"
 
 
-def interleaved(fns: dict, seconds: float = 1.0, min_rounds: int = 7) -> dict[str, float]:
+def _interleaved(fns: dict, seconds: float = 1.0, min_rounds: int = 7) -> dict[str, float]:
     """Median seconds per call of each function, timed in turn, round after round, so that
     a slow moment of the machine falls on all of them alike. A turn repeats a fast function
     until it lasts about 0.2 ms (a single microsecond call is below the clock's noise)."""
@@ -95,6 +95,12 @@ class Table:
                         cells.append(f"{scale * t:.3g}")
                 lines.append(f"| {case} | " + " | ".join(cells) + " |")
         return lines
+
+
+@pytest.fixture(scope="session")
+def interleaved():
+    """_interleaved: each function's median seconds, the functions timed in turn."""
+    return _interleaved
 
 
 @pytest.fixture(scope="session")

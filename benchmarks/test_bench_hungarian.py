@@ -6,7 +6,7 @@ scipy loop scipy's (the conversion to numpy timed), ours `.pairs()`, lapx its ow
 cases time DETR's solve step: its cost `C [B, Q, sum T]`, its loop over `C.split(sizes, -1)`
 with the `torch.as_tensor` conversion of the results, against the one-line swap
 `batch_linear_sum_assignment(C, col_splits=sizes).pairs()`. The solvers of a case are timed
-interleaved (conftest.interleaved); `pytest benchmarks/ --benchmark-only` prints the table.
+interleaved (the `interleaved` fixture); `pytest benchmarks/ --benchmark-only` prints the table.
 """
 
 import functools
@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
-from conftest import interleaved
 
 from maskformer_fast.hungarian import batch_linear_sum_assignment
 
@@ -88,7 +87,7 @@ def assert_same_pairs(got, want):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_lsa(benchmark, table, case):
+def test_lsa(benchmark, table, interleaved, case):
     cost, sizes = CASES[case](torch.Generator().manual_seed(0))
     large = cost.shape[1] >= 1000
     ours = functools.partial(SOLVERS["maskformer_fast"], cost, sizes)
@@ -123,7 +122,7 @@ def swapped_step(C, sizes):
 
 
 @pytest.mark.parametrize("case", list(DETR_CASES))
-def test_detr_solve_step(benchmark, table, case):
+def test_detr_solve_step(benchmark, table, interleaved, case):
     g = torch.Generator().manual_seed(1)
     sizes = torch.randint(1, 21, (32,), generator=g).tolist()
     C = torch.rand(32, DETR_CASES[case], sum(sizes), generator=g)

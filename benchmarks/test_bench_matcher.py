@@ -3,6 +3,7 @@ matcher (one fused cost computation and one batched assignment for all layers) a
 per-image reference (cost per image and layer, `.cpu()`, scipy), as the reference repos do.
 
 B=8 images, Q=100 queries, T ragged up to 20 targets, 128x128 masks, 10 decoder outputs.
+Both return the index pairs of every layer and image; they are timed interleaved.
 """
 
 import pytest
@@ -64,28 +65,28 @@ PRESETS = {
 }
 
 
-@pytest.mark.parametrize("impl", ["maskformer_fast", "per-image reference"])
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_matching_step(benchmark, table, preset, impl):
+def test_matching_step(benchmark, table, interleaved, preset):
     kw = PRESETS[preset]
     layers, targets = make_step(torch.Generator().manual_seed(0))
     if benchmark.disabled:  # as a test: one layer, two images
         layers = [{k: v[:2] for k, v in layers[0].items()}]
         targets = targets[:2]
     matcher = HungarianMatcher(kw["w_class"], kw["w_mask"], kw["w_dice"], kw["num_points"], kw["mask_cost"])
-    if impl == "maskformer_fast":  # same indices as the reference, layer by layer
-        torch.manual_seed(0)  # both draw their sampling points in the same order
-        got = matcher.match_layers(layers, targets)
-        torch.manual_seed(0)
-        for layer, col4row in zip(layers, got):
-            want = reference_matcher(layer, targets, **kw)
-            for b, (r, c) in enumerate(want):
-                assert col4row[b][torch.as_tensor(r)].tolist() == c.tolist()
-        fn = lambda: matcher.match_layers(layers, targets)  # noqa: E731
-    else:
-        fn = lambda: [reference_matcher(layer, targets, **kw) for layer in layers]  # noqa: E731
-    benchmark.group = f"matching step: {preset}"
+    ours = lambda: matcher.match_layers(layers, targets, pairs=True)  # noqa: E731
+    reference = lambda: [reference_matcher(layer, targets, **kw) for layer in layers]  # noqa: E731
     with torch.no_grad():
-        benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=1)
-    table.add(f"Matching step, B={B} Q={Q} T<={T_MAX} {SIZE}x{SIZE}, {LAYERS} layers (CPU)", preset,
-              "maskformer_fast" if impl == "maskformer_fast" else "per-image reference", benchmark)
+        torch.manual_seed(0)  # both draw their sampling points in the same order
+        got = ours()
+        torch.manual_seed(0)
+        for layer_got, layer_want in zip(got, reference()):  # the same pairs, layer by layer
+            for (r, c), (rr, cc) in zip(layer_got, layer_want):
+                assert r.tolist() == rr.tolist() and c.tolist() == cc.tolist()
+        if not benchmark.disabled:
+            title = f"Matching step, B={B} Q={Q} T<={T_MAX} {SIZE}x{SIZE}, {LAYERS} layers (CPU)"
+            medians = interleaved({"maskformer_fast": ours, "per-image reference": reference},
+                                  seconds=0, min_rounds=5)
+            for name, seconds in medians.items():
+                table.add_value(title, preset, name, seconds, "ms")
+            benchmark.group = f"matching step: {preset}"
+        benchmark.pedantic(ours, rounds=1, iterations=1)

@@ -208,19 +208,21 @@ class HungarianMatcher(nn.Module):
             B pairs ``(pred_idx, tgt_idx)`` of int64 CPU tensors, ``pred_idx`` increasing,
             of length ``min(Q, T)`` (no pairs for Q = 0; an empty list for B = 0).
         """
-        col4row = self.match_layers([outputs], targets, check=not as_tensor)[0]
-        return col4row if as_tensor else _pairs(col4row)
+        if as_tensor:
+            return self.match_layers([outputs], targets, check=False)[0]
+        return self.match_layers([outputs], targets, pairs=True)[0]
 
     @torch.no_grad()
     def match_layers(self, layers: Sequence[dict], targets: Sequence[dict], *,
-                     check: bool = True) -> list[torch.Tensor]:
+                     check: bool = True, pairs: bool = False) -> list:
         """Matches several sets of outputs (e.g. every decoder layer: the last layer and
         ``outputs["aux_outputs"]``) against the same targets: one cost kernel call per layer
         for the whole batch, one assignment call for all layers. Sampling points are drawn
         layer after layer, image after image, as the reference criteria draw them when they
         call their matcher once per layer in this order. Returns one ``col4row [B, Q]`` per
-        layer; ``check=False`` skips the (synchronising) check that every image got a
-        complete matching."""
+        layer, or with ``pairs=True`` the B index pairs of each layer as :meth:`forward`
+        gives them (one copy to the host for all layers); ``check=False`` skips the
+        (synchronising) check that every image got a complete matching."""
         L = len(layers)
         B, Q = layers[0]["pred_logits"].shape[:2]
         if len(targets) != B:
@@ -249,6 +251,9 @@ class HungarianMatcher(nn.Module):
                 f"matcher: image {b} has no complete matching of finite cost "
                 f"({int(counts[b])} targets, too few queries with finite predictions)"
             )
+        if pairs:
+            every = _ops.pairs(result.col4row.cpu())
+            return [every[layer * B : (layer + 1) * B] for layer in range(L)]
         return list(result.col4row.view(L, B, Q).unbind(0))
 
     def _cost(self, masks, logits, tgt_masks, tgt_labels, counts, host_counts, coords):
@@ -372,16 +377,6 @@ class HungarianMatcher(nn.Module):
 def _image_targets(tgt_masks, b: int, n: int) -> torch.Tensor:
     """Image b's n targets ``[1, n, H, W]``, from the padded targets or the list of them."""
     return tgt_masks[b][None, :n] if isinstance(tgt_masks, list) else tgt_masks[b : b + 1, :n]
-
-
-def _pairs(col4row: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``col4row [B, Q]`` -> B pairs ``(pred_idx, tgt_idx)`` of int64 CPU tensors."""
-    host = col4row.cpu()
-    out = []
-    for row in host:
-        pred = torch.nonzero(row >= 0).flatten()
-        out.append((pred, row[pred]))
-    return out
 
 
 class HFHungarianMatcher(HungarianMatcher):
