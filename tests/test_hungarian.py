@@ -195,7 +195,7 @@ def two_threads():
 
 
 def test_batches_small_and_large_on_two_threads(two_threads):
-    """Below 64K entries in all a batch is solved by the calling thread, above by both
+    """Below 16K entries in all a batch is solved by the calling thread, above by both
     threads taking items as they come: scipy's indices either way (ragged, tied)."""
     g = torch.Generator().manual_seed(12)
     for B in (8, 80):  # 8 * 1200 and 80 * 1200 entries

@@ -230,7 +230,7 @@ std::vector<Item> read_items(const Tensor& cost, const std::optional<Tensor>& si
 constexpr int32_t kPairCols = 512;
 
 // A batch with fewer entries (all items together) than this is solved by one thread.
-constexpr int64_t kParallelEntries = 64 * 1024;
+constexpr int64_t kParallelEntries = 16 * 1024;
 
 // Solves every item; fills col4row [B, N] (-1 where unmatched), status [B], and,
 // when `u_out` is defined, the duals u [B, N] and v [B, M] in the caller's orientation.
