@@ -27,7 +27,9 @@ def want_cuda() -> bool:
 
 def extension():
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    # C++ sources named *cuda* are the CUDA kernels' host side: built with them only.
+    cpp = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    sources = [s for s in cpp if "cuda" not in os.path.basename(s)]
     # Exact IEEE arithmetic (no fast-math, no contraction); -fno-trapping-math only lets
     # the compiler vectorise the solver's branch-free relax loop. -fno-wrapv undoes the
     # -fwrapv of Python's own flags: with 32-bit indices allowed to wrap, GCC cannot turn
@@ -46,7 +48,7 @@ def extension():
         return CppExtension(
             "maskformer_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link
         )
-    sources += sorted(glob.glob("csrc/**/*.cu", recursive=True))
+    sources += [s for s in cpp if s not in sources] + sorted(glob.glob("csrc/**/*.cu", recursive=True))
     # ATen/cuda headers want cusparse.h, which ships with torch's nvidia wheels.
     include_dirs = [os.path.join(here, "csrc")]
     import nvidia  # noqa: PLC0415  (installed with the CUDA build of torch)

@@ -95,7 +95,16 @@ def _as_sizes(sizes, batch: int, device: torch.device) -> torch.Tensor:
         raise ValueError(f"sizes must have shape [B, 2] = [{batch}, 2], got {list(s.shape)}")
     if s.dtype == torch.int64 and s.device == device:
         return s
-    return s.to(device=device, dtype=torch.int64, non_blocking=True)
+    return _int64_on(s, device)
+
+
+def _int64_on(s: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """s as int64 on device; from the host to a GPU through pinned memory, so that the
+    copy is asynchronous (from pageable memory it waits for the stream)."""
+    s = s.long()
+    if device.type == "cuda" and s.is_cpu:
+        return s.pin_memory().to(device, non_blocking=True)
+    return s.to(device)
 
 
 def _as_splits(col_splits, batch: int, cols: int, device: torch.device) -> torch.Tensor:
@@ -110,11 +119,14 @@ def _as_splits(col_splits, batch: int, cols: int, device: torch.device) -> torch
         s = torch.tensor(col_splits, dtype=torch.int64)
         if s.dim() != 1:
             raise TypeError(f"col_splits must be a list of integers, got {col_splits!r}")
-    if s.device == device:
+    if s.is_cpu and device.type == "cpu":
         return s if s.dtype is torch.int64 else s.long()
     if s.is_cpu:
         _ops.check_col_splits(s.tolist(), batch, cols)
-    return s.to(device=device, dtype=torch.int64, non_blocking=True)
+    elif s.shape[0] != batch:  # (values on a GPU are checked by the kernel)
+        raise ValueError(f"col_splits must have one entry per batch item ({batch}), got shape "
+                         f"[{s.shape[0]}]")
+    return _int64_on(s, device)
 
 
 def batch_linear_sum_assignment(

@@ -257,6 +257,8 @@ def test_cuda_bad_col_splits():
     C = torch.rand(3, 4, 10, device="cuda")
     with pytest.raises(ValueError, match="sum to 9"):
         batch_linear_sum_assignment(C, col_splits=[3, 3, 3])
+    with pytest.raises(ValueError, match="one entry per batch item"):
+        batch_linear_sum_assignment(C, col_splits=torch.tensor([3, 7], device="cuda"))
     res = batch_linear_sum_assignment(C, col_splits=torch.tensor([3, 3, 3], device="cuda"),
                                       errors="status")
     assert res.status.tolist() == [3, 3, 3]

@@ -1,8 +1,8 @@
 // CUDA kernels of maskformer_fast::lsa / lsa_duals: one team per batch item, running
 // lsa::solve (solver.h) with a WarpTeam or a BlockTeam (teams_cuda.cuh).
 //
-// Torch-free, so that nvcc's per-architecture device passes never parse torch headers;
-// lsa_cuda.cu includes it and adds the thin torch binding for the host pass only.
+// Torch-free, so that nvcc's device passes never parse torch headers: lsa_cuda.cu
+// compiles it, and the torch binding (lsa_cuda_binding.cpp) sees lsa_cuda_launch.h only.
 //
 // The plan (chosen on the host per call from the padded shape, never per item, so no
 // shape ever compiles anything):
@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "lsa_cuda_launch.h"
 #include "solver.h"
 #include "teams_cuda.cuh"
 
@@ -36,47 +37,10 @@ namespace lsa {
 namespace cuda {
 
 constexpr int kMaxWarpsPerBlock = 4;
-constexpr int kMaxBlockThreads = 512;
 constexpr int kColsPerLane = 2;
 constexpr int kLanesPerSM = 512;
 constexpr int kBlocksPerSM = 32;  // resident blocks per multiprocessor (sm_80 to sm_90)
 
-// The input dtypes, as the binding maps torch's.
-enum class DType : int32_t {
-  Bool, UInt8, Int8, Int16, Int32, Int64, Half, BFloat16, Float, Double
-};
-
-// One call's batch: cost [B, N, M] read through its strides, optional sizes [B, 2]
-// int64 (device), outputs col4row [B, N] int64, status [B] int32, and, for lsa_duals,
-// u [B, N] and v [B, M] float64 (all contiguous, written entirely by the kernel).
-struct Batch {
-  const void* cost;
-  DType dtype;
-  int64_t B, N, M;
-  int64_t s0, s1, s2;
-  const int64_t* sizes;  // nullptr: every item is N x M
-  int64_t ss0, ss1;
-  // DETR's layout instead of sizes: item b is N x col_splits[b], its columns ending at
-  // col_ends[b] (the running sum). Both contiguous [B] (device), or nullptr.
-  const int64_t* col_splits;
-  const int64_t* col_ends;
-  bool maximize;
-  int64_t* col4row;
-  int32_t* status;
-  double* u;  // nullptr for lsa
-  double* v;
-};
-
-struct Plan {
-  int32_t lanes;          // threads per team: 32 (a warp) or a block of 64 to 1024
-  int32_t teams;          // teams per block (warp teams only; else 1)
-  bool state_shared;      // per-item state in shared memory, else in the global workspace
-  bool stage_cost;        // oriented float64 cost block in shared memory
-  int64_t R, C;           // padded oriented problem: R = min(N, M) rows, C = max(N, M) cols
-  int64_t team_smem;      // shared bytes per team
-  int64_t state_bytes;    // bytes of one item's state
-  int64_t workspace_bytes;  // global workspace of the call (0 when the state is shared)
-};
 
 // Bytes of one item's solver state for R rows and C columns, a multiple of 8.
 __host__ __device__ inline int64_t state_bytes(int64_t R, int64_t C) {
@@ -252,16 +216,6 @@ inline Plan plan_for(int64_t B, int64_t N, int64_t M, int sms, int smem_optin, i
   return q;
 }
 
-// plan_for with the attributes of `device` (cheap host queries, no synchronisation).
-inline cudaError_t make_plan(const Batch& p, int device, int64_t lanes, Plan* plan) {
-  int sms = 0, smem_optin = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err == cudaSuccess) *plan = plan_for(p.B, p.N, p.M, sms, smem_optin, lanes);
-  return err;
-}
-
 template <class T>
 cudaError_t launch_typed(const Batch& p, const Plan& plan, char* workspace, cudaStream_t stream) {
   const bool block = plan.lanes > kWarpSize;
@@ -295,13 +249,6 @@ auto visit_dtype(DType dtype, F&& f) {
     case DType::Double: break;
   }
   return f(double{});
-}
-
-// Launches the batch on `stream` (p.B > 0); `workspace` holds plan.workspace_bytes.
-inline cudaError_t launch(const Batch& p, const Plan& plan, void* workspace, cudaStream_t stream) {
-  return visit_dtype(p.dtype, [&](auto tag) {
-    return launch_typed<decltype(tag)>(p, plan, static_cast<char*>(workspace), stream);
-  });
 }
 
 }  // namespace cuda
