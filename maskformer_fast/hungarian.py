@@ -164,7 +164,12 @@ def batch_linear_sum_assignment(
         raise ValueError(f"errors must be 'raise' or 'status', got {errors!r}")
     # Python here runs with caches full of the solver's data (each step about twice its
     # cost in a loop of its own): the common case takes few steps, and none after the op
-    # (it raises for errors="raise" itself).
+    # (it raises for errors="raise" itself). First a CPU tensor with int64 sizes or none,
+    # whose sizes the op checks itself.
+    if (type(cost) is torch.Tensor and cost.is_cpu and col_splits is None and backend == "auto"
+            and (sizes is None or (type(sizes) is torch.Tensor and sizes.dtype is torch.int64))
+            and cost.dtype in _TORCH_DTYPES and cost.dim() == 3 and _ops.has_kernel("cpu")):
+        return tuple.__new__(BatchAssignment, _ops.LSA(cost, sizes, bool(maximize), errors == "raise"))
     tensor, from_numpy = _as_tensor(cost, 3, "a batch of matrices (3-D array [B, N, M])")
     device = tensor.device
     if sizes is not None:
