@@ -20,7 +20,8 @@
 #include <thread>
 #include <vector>
 
-#include "teams_cpu.h"
+#include "pair_team.h"
+#include "sequential_team.h"
 
 struct DenseCost {
   const float* data;

@@ -106,7 +106,7 @@ class Emulator:
     SOURCE = r"""
 #include <vector>
 #include "lsa/lsa_cuda_kernels.cuh"
-#include "lsa/teams_cpu.h"
+#include "lsa/simulated_team.h"
 using namespace lsa::cuda;
 
 // Every item of the batch through solve_item with a simulated team of `lanes`, the cost

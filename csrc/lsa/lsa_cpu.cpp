@@ -22,7 +22,9 @@
 #include <vector>
 
 #include "status.h"
-#include "teams_cpu.h"
+#include "pair_team.h"
+#include "sequential_team.h"
+#include "simulated_team.h"
 
 namespace maskformer_fast {
 namespace {

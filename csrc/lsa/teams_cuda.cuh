@@ -4,7 +4,7 @@
 // BlockTeam: the whole block (64 to 512 threads, a power of two) solves one problem;
 //            __syncthreads is the barrier.
 //
-// Both reduce exactly as lsa::SimulatedTeam (teams_cpu.h) emulates: each lane keeps
+// Both reduce exactly as lsa::SimulatedTeam (simulated_team.h) emulates: each lane keeps
 // the best key of its columns k = rank, rank + size, ...; a __shfl_xor_sync butterfly
 // with offsets 16, 8, 4, 2, 1 combines a warp; in a block, lane 0 of warp w writes
 // scratch[w], one barrier, lane l of every warp reads scratch[l % warps] and
