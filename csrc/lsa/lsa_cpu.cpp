@@ -3,11 +3,11 @@
 // per item.
 //
 // An item is read in place when it can be: a float32 or float64 cost whose rows are
-// contiguous, not transposed, not negated. Otherwise it is copied once, oriented so that
-// rows <= cols (transposed when m < n, as scipy does) and negated for maximisation, into
-// a per-thread buffer, as float32 when every value of the input dtype is a float32
-// (bool, 8- and 16-bit integers, float16, bfloat16, float32), else as float64. The
-// solver converts each entry to float64 as it reads it; both conversions are exact.
+// contiguous, not transposed, not negated. Otherwise it is copied once into a per-thread
+// buffer (oriented_copy.h): oriented so that rows <= cols (transposed when m < n, as scipy
+// does), negated for maximisation, as float32 when every value of the input dtype is a
+// float32, else as float64. The solver converts each entry to float64 as it reads it;
+// both conversions are exact.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -21,10 +21,11 @@
 #include <type_traits>
 #include <vector>
 
-#include "status.h"
+#include "oriented_copy.h"
 #include "pair_team.h"
 #include "sequential_team.h"
 #include "simulated_team.h"
+#include "status.h"
 
 namespace maskformer_fast {
 namespace {
@@ -38,12 +39,6 @@ struct Item {
   int32_t rows() const { return int32_t(transpose ? m : n); }
   int32_t cols() const { return int32_t(transpose ? n : m); }
 };
-
-// The type an entry of dtype T is stored as when it is copied: float32 if that is exact.
-template <typename T>
-using Stored = std::conditional_t<std::is_same_v<T, double> || std::is_same_v<T, int32_t> ||
-                                      std::is_same_v<T, int64_t>,
-                                  double, float>;
 
 // The oriented cost of one item: entry (i, j) is data[i * ld + j].
 template <typename T>
@@ -101,78 +96,6 @@ struct Scratch {
   }
 };
 
-#if defined(__AVX__)
-// out[c * ld + r] = x[r * s_row + c] (negated if Negate) for an 8 x 8 tile of floats, each
-// entry also added to sum[4] (see load_oriented). Rows k and k + 4 share a vector from the
-// load on (columns 0-3, then 4-7), so a 4 x 4 transpose within each 128-bit lane finishes
-// the tile: no shuffle across lanes, which costs 8 uops on Zen 1 (a quarter less time
-// than with them, measured here).
-template <bool Negate>
-inline void transpose8(const float* x, int64_t s_row, float* out, int64_t ld, __m256 sum[4]) {
-  for (int half = 0; half < 2; ++half) {
-    __m256 a[4];
-    for (int k = 0; k < 4; ++k) {
-      const float* p = x + k * s_row + 4 * half;
-      a[k] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(p)), _mm_loadu_ps(p + 4 * s_row), 1);
-      if constexpr (Negate) a[k] = _mm256_xor_ps(a[k], _mm256_set1_ps(-0.0f));
-      sum[k] = _mm256_add_ps(sum[k], a[k]);
-    }
-    const __m256 b0 = _mm256_unpacklo_ps(a[0], a[1]), b1 = _mm256_unpackhi_ps(a[0], a[1]);
-    const __m256 b2 = _mm256_unpacklo_ps(a[2], a[3]), b3 = _mm256_unpackhi_ps(a[2], a[3]);
-    float* o = out + 4 * half * ld;
-    _mm256_storeu_ps(o, _mm256_shuffle_ps(b0, b2, 0x44));
-    _mm256_storeu_ps(o + ld, _mm256_shuffle_ps(b0, b2, 0xee));
-    _mm256_storeu_ps(o + 2 * ld, _mm256_shuffle_ps(b1, b3, 0x44));
-    _mm256_storeu_ps(o + 3 * ld, _mm256_shuffle_ps(b1, b3, 0xee));
-  }
-}
-#endif
-
-// Copies one item, oriented and negated for maximisation, into out (row-major,
-// it.rows() x it.cols(), leading dimension ld). Written in order: a transposed item is
-// read down its columns, or, for float32 rows of at least 8 x 8, in 8 x 8 tiles (the
-// last tile of a row or column shifted back to end at the edge: it writes some entries
-// twice, identically). Returns whether every entry (as copied) is above -inf, that is,
-// neither NaN nor -inf: the solver need not look again.
-template <typename scalar_t, typename T>
-bool load_oriented(const scalar_t* item, int64_t s_row, int64_t s_col, const Item& it,
-                   bool maximize, T* out, int64_t ld) {
-  const int64_t rows = it.rows(), cols = it.cols();
-#if defined(__AVX__)
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (it.transpose && s_col == 1 && rows >= 8 && cols >= 8) {
-      // The check as sums from +inf: one stays +inf unless an entry added to it is NaN or
-      // -inf, which makes it NaN for good (four of them: consecutive tiles need not wait).
-      const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-      __m256 sum[4] = {inf, inf, inf, inf};
-      const auto tiles = [&](auto negate) {
-        for (int64_t i = 0; i < rows; i += 8) {  // oriented row i: input column i
-          for (int64_t j = 0; j < cols; j += 8) {
-            const int64_t i0 = std::min(i, rows - 8), j0 = std::min(j, cols - 8);
-            transpose8<decltype(negate)::value>(item + j0 * s_row + i0, s_row, out + i0 * ld + j0, ld, sum);
-          }
-        }
-      };
-      maximize ? tiles(std::true_type{}) : tiles(std::false_type{});
-      const __m256 all = _mm256_add_ps(_mm256_add_ps(sum[0], sum[1]), _mm256_add_ps(sum[2], sum[3]));
-      return _mm256_movemask_ps(_mm256_cmp_ps(all, inf, _CMP_EQ_OQ)) == 0xff;
-    }
-  }
-#endif
-  const int64_t sr = it.transpose ? s_col : s_row, sc = it.transpose ? s_row : s_col;
-  const T ninf = -std::numeric_limits<T>::infinity();
-  int64_t invalid = 0;  // a count: no branch in the copy
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) {
-      const T x = static_cast<T>(item[r * sr + c * sc]);
-      const T y = maximize ? -x : x;
-      out[r * ld + c] = y;
-      invalid += !(y > ninf);
-    }
-  }
-  return invalid == 0;
-}
-
 std::vector<Item> read_items(const Tensor& cost, const std::optional<Tensor>& sizes,
                              const std::optional<Tensor>& col_splits) {
   TORCH_CHECK_VALUE(cost.dim() == 3, "lsa: expected a [B, N, M] cost tensor, got ", cost.dim(),
@@ -227,8 +150,8 @@ std::vector<Item> read_items(const Tensor& cost, const std::optional<Tensor>& si
 
 // A single item with at least this many columns (after orientation) is solved by two
 // threads together (lsa::PairTeam) when two are free. Each step then costs one exchange
-// between the cores (about a tenth of a microsecond) and saves the relaxation of half the
-// columns; below a few hundred columns the exchange costs more than it saves.
+// between the cores and saves the relaxation of half the columns; below a few hundred
+// columns the exchange costs more than it saves.
 constexpr int32_t kPairCols = 512;
 
 // A batch with fewer entries (all items together) than this is solved by one thread.
@@ -245,15 +168,14 @@ void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximi
   double* vo = v_out ? v_out->data_ptr<double>() : nullptr;
   // Items are handed out `grain` at a time to whichever thread is free (not split into
   // equal ranges up front): items differ in work, and a core busy with something else
-  // (a data loader) then costs its share only. About 4096 entries a grab: a grab costs
-  // tens of nanoseconds, and with more than two items a grab the uneven end of a ragged
-  // batch (B=32 items of 100 x 1..20) cost 8% of the call.
+  // (a data loader) then costs its share only. About 4096 entries a grab: enough to pay
+  // for the grab, few enough that a ragged batch's uneven end stays short.
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, N * M));
   const int64_t grabs = (B + grain - 1) / grain;
   std::atomic<int64_t> next{0};
-  // A small batch is solved by the calling thread alone: a second thread saves a few
-  // microseconds at best, and when its core is busy (a data loader) the join waits for
-  // the scheduler to run it, which can take milliseconds.
+  // A small batch is solved by the calling thread alone: a second thread saves little
+  // there, and when its core is busy (a data loader) the join waits for the scheduler to
+  // run it.
   int64_t entries = 0;
   for (const Item& it : items) entries += it.n * it.m;
   const int64_t threads = entries < kParallelEntries ? 1 : std::min(grabs, int64_t(at::get_num_threads()));
@@ -278,7 +200,7 @@ void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximi
   };
 
   AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, cost.scalar_type(), "lsa_cpu", [&] {
-    using T = Stored<scalar_t>;
+    using T = lsa::Stored<scalar_t>;
     const scalar_t* base = cost.const_data_ptr<scalar_t>();
     const int64_t s0 = cost.stride(0), s1 = cost.stride(1), s2 = cost.stride(2);
     // Item b as the solver reads it: in place, or copied (oriented, negated) into
@@ -291,7 +213,8 @@ void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximi
       valid = true, checked = false;
       if (view.data == nullptr) {
         T* copy = scratch.item(it.rows(), it.cols());
-        valid = load_oriented(item, s1, s2, it, maximize, copy, scratch.ld(it.cols()));
+        valid = lsa::load_oriented(item, s1, s2, it.rows(), it.cols(), it.transpose, maximize,
+                                   copy, scratch.ld(it.cols()));
         checked = true;
         view = {copy, scratch.ld(it.cols())};
       }
