@@ -70,18 +70,22 @@ int main(int argc, char** argv) {
 
   // Room for m rounded up to 8 in every column array, each on a 64-byte boundary
   // (lsa::Workspace), as the extension allocates them.
-  using D = std::vector<double, Aligned<double>>;
-  using I = std::vector<int32_t, Aligned<int32_t>>;
-  D u(n + 8), v(m + 8), spc(m + 8), sval(m + 8);
-  I col4row(n + 8), row4col(m + 8), path(m + 8), at(m + 8), rank(m + 8);
-  const lsa::Workspace w{u.data(), v.data(), spc.data(), sval.data(), col4row.data(),
-                         row4col.data(), path.data(), at.data(), rank.data()};
+  struct State {
+    std::vector<double, Aligned<double>> u, v, shortest_path_costs, scanned_costs;
+    std::vector<int32_t, Aligned<int32_t>> col4row, row4col, path, remaining, rank;
+    State(int n, int m)
+        : u(n + 8), v(m + 8), shortest_path_costs(m + 8), scanned_costs(m + 8), col4row(n + 8),
+          row4col(m + 8), path(m + 8), remaining(m + 8), rank(m + 8) {}
+    lsa::Workspace workspace() {
+      return {.u = u.data(), .v = v.data(), .shortest_path_costs = shortest_path_costs.data(),
+              .scanned_costs = scanned_costs.data(), .col4row = col4row.data(),
+              .row4col = row4col.data(), .path = path.data(), .remaining = remaining.data(),
+              .rank = rank.data()};
+    }
+  };
+  State state(n, m), state1(n, m);  // state1: member 1's, in a pair team
+  const lsa::Workspace w = state.workspace(), w1 = state1.workspace();
   lsa::SequentialTeam team;
-  // member 1 of a pair team: a workspace of its own
-  D u1(n + 8), v1(m + 8), spc1(m + 8), sval1(m + 8);
-  I col4row1(n + 8), row4col1(m + 8), path1(m + 8), at1(m + 8), rank1(m + 8);
-  const lsa::Workspace w1{u1.data(), v1.data(), spc1.data(), sval1.data(), col4row1.data(),
-                          row4col1.data(), path1.data(), at1.data(), rank1.data()};
   const char* pair = std::getenv("LSA_PAIR");
   const long pair_mode = pair ? std::atol(pair) : 0, part_at = pair_mode > 1 ? pair_mode : 0;
   const auto solve = [&](const DenseCost& cost) {
@@ -103,8 +107,8 @@ int main(int argc, char** argv) {
         return 1;
       }
       if (r > 0) continue;
-      for (int i = 0; i < n; ++i) hash = hash * 1000003 + uint64_t(col4row[i]), duals += u[i];
-      for (int j = 0; j < m; ++j) duals += v[j];
+      for (int i = 0; i < n; ++i) hash = hash * 1000003 + uint64_t(w.col4row[i]), duals += w.u[i];
+      for (int j = 0; j < m; ++j) duals += w.v[j];
     }
     const std::chrono::duration<double> t = std::chrono::steady_clock::now() - start;
     best = std::min(best, t.count());

@@ -4,8 +4,8 @@
 //   * The scanned column's NaN is a plain store and the first step of a Dijkstra has code
 //     of its own (First) at every width: masks cost more than they save where a 256-bit
 //     operation is two 128-bit ones.
-//   * v and spc are read and written as aligned vectors: they start on a 32-byte boundary
-//     (Workspace).
+//   * v and shortest_path_costs are read and written as aligned vectors: they start on a
+//     32-byte boundary (Workspace).
 #pragma once
 
 #include "sequential_team.h"
@@ -28,8 +28,8 @@ LSA_HOT Key SequentialTeam::argmin_rows(int32_t n, const T* row, const Workspace
     // every column set outright on the first step (scipy's reset to +inf, then r);
     // later, r where it is lower (minpd returns its second operand, a NaN included,
     // unless the first is lower)
-    const __m256d x = First ? r : _mm256_min_pd(r, _mm256_load_pd(w.spc + b));
-    _mm256_store_pd(w.spc + b, x);
+    const __m256d x = First ? r : _mm256_min_pd(r, _mm256_load_pd(w.shortest_path_costs + b));
+    _mm256_store_pd(w.shortest_path_costs + b, x);
     return x;
   };
   const auto lower = [](__m256d x, __m256d lo) LSA_HOT_LAMBDA { return x < lo ? x : lo; };
@@ -40,7 +40,7 @@ LSA_HOT Key SequentialTeam::argmin_rows(int32_t n, const T* row, const Workspace
 
   // Pass 1, group by group (64 columns), with four running minima.
   if (n > 256) prefetch_row(row, n);
-  if (relax.scanned >= 0) relax.w.spc[relax.scanned] = kNaN;
+  if (relax.scanned >= 0) relax.w.shortest_path_costs[relax.scanned] = kNaN;
   double* const group_low = groups > 1 ? group_lows(4 * groups) : nullptr;
   __m256d lo = inf;
   for (int32_t g = 0, b = 0; g < groups; ++g) {

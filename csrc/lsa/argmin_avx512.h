@@ -7,7 +7,7 @@
 //     as the others: at this size a branch in and out per row costs more than the masks.
 //   * The last block is masked, not shifted back: a load that straddles the block stored
 //     just before it waits for that store. Its lanes past n read no cost and v = -inf, so
-//     their path cost is +inf and they never win. v, spc and rank need room for n
+//     their path cost is +inf and they never win. v, shortest_path_costs and rank need room for n
 //     rounded up to 8 (Workspace).
 //   * Pass 1 keeps the lowest values of each group of 64 columns, so that pass 2 looks
 //     only at the groups that hold the lowest value.
@@ -32,13 +32,13 @@ LSA_HOT Key SequentialTeam::argmin_rows(int32_t n, const T* row, const Workspace
     const __m512d v = _mm512_mask_loadu_pd(-inf, in, w.v + b);
     const __m512d r = ((relax.min_val + load8(row + b, in)) - relax.ui) - v;
     if constexpr (First) {  // every column set outright (scipy's reset to +inf, then r)
-      _mm512_storeu_pd(w.spc + b, r);
+      _mm512_storeu_pd(w.shortest_path_costs + b, r);
       return r;
     }
-    __m512d s = _mm512_mask_mov_pd(_mm512_loadu_pd(w.spc + b), fresh, inf);
+    __m512d s = _mm512_mask_mov_pd(_mm512_loadu_pd(w.shortest_path_costs + b), fresh, inf);
     s = _mm512_mask_mov_pd(s, gone, _mm512_set1_pd(kNaN));
     const __m512d x = r < s ? r : s;
-    _mm512_storeu_pd(w.spc + b, x);
+    _mm512_storeu_pd(w.shortest_path_costs + b, x);
     return x;
   };
   // lower(x, lo): x where it is lower, else lo; a NaN x (a scanned column) never is.
@@ -55,7 +55,7 @@ LSA_HOT Key SequentialTeam::argmin_rows(int32_t n, const T* row, const Workspace
   if (groups > 1) {
     // The scanned column's NaN as a plain store: among many blocks, the one that holds
     // it is rarely loaded soon enough to wait for the store.
-    if (relax.scanned >= 0) relax.w.spc[relax.scanned] = kNaN;
+    if (relax.scanned >= 0) relax.w.shortest_path_costs[relax.scanned] = kNaN;
     int32_t b = 0, g = 0;
     for (; b + 64 <= n; b += 64, ++g) {
       // Four running minima: consecutive blocks do not wait for each other.

@@ -89,8 +89,9 @@ struct Scratch {
     lsa::Workspace w;
     w.u = reinterpret_cast<double*>(take(8 * n));
     w.col4row = reinterpret_cast<int32_t*>(take(4 * n));
-    for (double** a : {&w.v, &w.spc, &w.sval}) *a = reinterpret_cast<double*>(take(8 * m));
-    for (int32_t** a : {&w.row4col, &w.path, &w.at, &w.rank})
+    for (double** a : {&w.v, &w.shortest_path_costs, &w.scanned_costs})
+      *a = reinterpret_cast<double*>(take(8 * m));
+    for (int32_t** a : {&w.row4col, &w.path, &w.remaining, &w.rank})
       *a = reinterpret_cast<int32_t*>(take(4 * m));
     return w;
   }

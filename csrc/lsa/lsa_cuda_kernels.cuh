@@ -44,8 +44,8 @@ constexpr int kBlocksPerSM = 32;  // resident blocks per multiprocessor (sm_80 t
 
 // Bytes of one item's solver state for R rows and C columns, a multiple of 8.
 __host__ __device__ inline int64_t state_bytes(int64_t R, int64_t C) {
-  const int64_t doubles = R + 3 * C;  // u; v, spc, sval
-  const int64_t ints = R + 4 * C;     // col4row; row4col, path, at, rank
+  const int64_t doubles = R + 3 * C;  // u; v, shortest_path_costs, scanned_costs
+  const int64_t ints = R + 4 * C;     // col4row; row4col, path, remaining, rank
   return 8 * doubles + (4 * ints + 7) / 8 * 8;
 }
 

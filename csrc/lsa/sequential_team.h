@@ -77,7 +77,7 @@ class SequentialTeam {
       const int32_t n = to - from, scanned = relax.scanned - from;
       const auto* row = relax.cost.row(relax.i) + from;
       Workspace w = relax.w;
-      w.v += from, w.spc += from, val += from, rank += from;
+      w.v += from, w.shortest_path_costs += from, val += from, rank += from;
       Key best = relax.first && n > kFirstMasked
                      ? argmin_rows<true>(n, row, w, val, rank, scanned, relax)
                      : argmin_rows<false>(n, row, w, val, rank, scanned, relax);
