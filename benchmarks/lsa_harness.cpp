@@ -72,15 +72,15 @@ int main(int argc, char** argv) {
   // (lsa::Workspace), as the extension allocates them.
   struct State {
     std::vector<double, Aligned<double>> u, v, shortest_path_costs, scanned_costs;
-    std::vector<int32_t, Aligned<int32_t>> col4row, row4col, path, remaining, rank;
+    std::vector<int32_t, Aligned<int32_t>> col4row, row4col, path, remaining, vacated, rank;
     State(int n, int m)
         : u(n + 8), v(m + 8), shortest_path_costs(m + 8), scanned_costs(m + 8), col4row(n + 8),
-          row4col(m + 8), path(m + 8), remaining(m + 8), rank(m + 8) {}
+          row4col(m + 8), path(m + 8), remaining(m + 8), vacated(m + 8), rank(m + 8) {}
     lsa::Workspace workspace() {
       return {.u = u.data(), .v = v.data(), .shortest_path_costs = shortest_path_costs.data(),
               .scanned_costs = scanned_costs.data(), .col4row = col4row.data(),
               .row4col = row4col.data(), .path = path.data(), .remaining = remaining.data(),
-              .rank = rank.data()};
+              .vacated = vacated.data(), .rank = rank.data()};
     }
   };
   State state(n, m), state1(n, m);  // state1: member 1's, in a pair team

@@ -50,7 +50,7 @@ def duals(cost, sizes=None, maximize=False, lanes=1):
 
 def state_bytes(R, C):
     """Bytes of one item's solver state (lsa::cuda::state_bytes)."""
-    return 8 * (R + 3 * C) + (4 * (R + 4 * C) + 7) // 8 * 8
+    return 8 * (R + 3 * C) + (4 * (R + 5 * C) + 7) // 8 * 8
 
 
 def workspace_cases(optin):

@@ -80,7 +80,7 @@ struct Scratch {
   }
 
   lsa::Workspace workspace(int64_t n, int64_t m) {
-    char* p = aligned(state, lines(8 * n) + lines(4 * n) + 3 * lines(8 * m) + 4 * lines(4 * m));
+    char* p = aligned(state, lines(8 * n) + lines(4 * n) + 3 * lines(8 * m) + 5 * lines(4 * m));
     const auto take = [&p](int64_t bytes) {
       char* q = p;
       p += lines(bytes);
@@ -91,7 +91,7 @@ struct Scratch {
     w.col4row = reinterpret_cast<int32_t*>(take(4 * n));
     for (double** a : {&w.v, &w.shortest_path_costs, &w.scanned_costs})
       *a = reinterpret_cast<double*>(take(8 * m));
-    for (int32_t** a : {&w.row4col, &w.path, &w.remaining, &w.rank})
+    for (int32_t** a : {&w.row4col, &w.path, &w.remaining, &w.vacated, &w.rank})
       *a = reinterpret_cast<int32_t*>(take(4 * m));
     return w;
   }

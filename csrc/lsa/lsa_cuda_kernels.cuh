@@ -14,7 +14,7 @@
 //     one with wide teams. Warp teams go one per block (spread over every SM) unless the
 //     batch would exceed the resident blocks, then kMaxWarpsPerBlock per block.
 //   * shared memory: the per-item state (duals, path costs, scan list: 12 bytes per
-//     row, 40 per column) and, when it also fits, the oriented cost block as float64
+//     row, 44 per column) and, when it also fits, the oriented cost block as float64
 //     (read on every Dijkstra step, and the only way a transposed item is read with
 //     unit stride) go into dynamic shared memory if all the block's teams fit in the
 //     device's opt-in limit; otherwise the state lives in one global workspace
@@ -45,7 +45,7 @@ constexpr int kBlocksPerSM = 32;  // resident blocks per multiprocessor (sm_80 t
 // Bytes of one item's solver state for R rows and C columns, a multiple of 8.
 __host__ __device__ inline int64_t state_bytes(int64_t R, int64_t C) {
   const int64_t doubles = R + 3 * C;  // u; v, shortest_path_costs, scanned_costs
-  const int64_t ints = R + 4 * C;     // col4row; row4col, path, remaining, rank
+  const int64_t ints = R + 5 * C;     // col4row; row4col, path, remaining, rank, vacated
   return 8 * doubles + (4 * ints + 7) / 8 * 8;
 }
 
@@ -53,8 +53,10 @@ __host__ __device__ inline int64_t state_bytes(int64_t R, int64_t C) {
 LSA_HD Workspace carve(char* p, int64_t R, int64_t C) {
   double* d = reinterpret_cast<double*>(p);
   int32_t* i = reinterpret_cast<int32_t*>(d + R + 3 * C);
-  return Workspace{d, d + R, d + R + C, d + R + 2 * C,
-                   i, i + R, i + R + C, i + R + 2 * C, i + R + 3 * C};
+  return Workspace{.u = d, .v = d + R, .shortest_path_costs = d + R + C,
+                   .scanned_costs = d + R + 2 * C, .col4row = i, .row4col = i + R,
+                   .path = i + R + C, .remaining = i + R + 2 * C, .vacated = i + R + 4 * C,
+                   .rank = i + R + 3 * C};
 }
 
 // The entry as a double, exactly as the CPU path converts it.

@@ -98,9 +98,9 @@ LSA_HD int32_t scan_position(int32_t rank, int32_t m) {
 }
 
 // Per-problem state: u[n], col4row[n]; v[m], shortest_path_costs[m], scanned_costs[m],
-// path[m], row4col[m], remaining[m], rank[m]. scipy's sets SC and SR are implicit: the
-// scanned columns (SC) are the tail of `remaining`, the rows visited (SR) cur_row and
-// those matched to the scanned columns. (The CPU's sequential team also needs room for m
+// path[m], row4col[m], remaining[m], vacated[m], rank[m]. scipy's sets SC and SR are
+// implicit: the scanned columns (SC) are the tail of `remaining`, the rows visited (SR)
+// cur_row and those matched to the scanned columns. (The CPU's sequential team also needs room for m
 // rounded up to 8 in v, shortest_path_costs and rank, which it reads and writes eight
 // columns at a time, and v and shortest_path_costs on 32-byte boundaries.)
 struct Workspace {
@@ -108,15 +108,16 @@ struct Workspace {
   double* v;
   double* shortest_path_costs;  // to each column in the current Dijkstra; NaN once scanned
   double* scanned_costs;  // [p], p in [num_remaining, m): the path cost of column
-                          // remaining[p] when it was scanned; after the dual update, the
-                          // scan position that column left
+                          // remaining[p] when it was scanned
   int32_t* col4row;
   int32_t* row4col;
   int32_t* path;       // the row each column was reached from (scratch between Dijkstras)
   int32_t* remaining;  // [it], it < num_remaining: the column at scan position it;
                        // [num_remaining, m): the scanned columns, latest first
+  int32_t* vacated;    // [p], p in [num_remaining, m): the scan position that column
+                       // remaining[p] left
   int32_t* rank;  // the tie rank of each column not yet scanned (so also its position in
-                  // `remaining`); a scanned column's still gives the position it left
+                  // `remaining`)
 };
 
 // The relaxation of one Dijkstra step: the edges of row i, on top of the path cost
@@ -273,13 +274,15 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
       } else {
         i = w.row4col[j];
       }
-      // Swap-remove j from the scan list, keeping it (and its path cost) at the tail.
+      // Swap-remove j from the scan list, keeping it at the tail with its path cost and
+      // the position it left.
       if (team.leader()) {
         const int32_t it = scan_position(w.rank[j], m), last = w.remaining[num_remaining - 1];
         w.remaining[it] = last;
         w.rank[last] = tie_rank(it, w.row4col[last] < 0, m);
         w.remaining[num_remaining - 1] = j;
         w.scanned_costs[num_remaining - 1] = min_val;
+        w.vacated[num_remaining - 1] = it;
       }
       scanned = j;
       --num_remaining;
@@ -309,16 +312,13 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
     }
 
     // 6. The rows visited (SR) are cur_row and the rows matched to the scanned columns
-    // (SC) other than the sink; each is reached through its matched column. The scanned
-    // columns' path costs, once read, make room for the scan positions they left, which
-    // their ranks still give (step 8 rewrites ranks).
+    // (SC) other than the sink; each is reached through its matched column.
     if (team.leader()) w.u[cur_row] += min_val;
     team.for_each(m - num_remaining, [&](int32_t k) {
       const int32_t j = w.remaining[num_remaining + k];
       const double d = min_val - w.scanned_costs[num_remaining + k];
       if (j != sink) w.u[w.row4col[j]] += d;
       w.v[j] -= d;
-      w.scanned_costs[num_remaining + k] = scan_position(w.rank[j], m);
     });
     team.sync();
 
@@ -342,7 +342,7 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
     // column's status changed.
     team.for_each(m - num_remaining, [&](int32_t k) {
       restore(num_remaining + k);
-      restore(int32_t(w.scanned_costs[num_remaining + k]));
+      restore(w.vacated[num_remaining + k]);
     });
     team.sync();
   }
