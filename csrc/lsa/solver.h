@@ -100,9 +100,9 @@ LSA_HD int32_t scan_position(int32_t rank, int32_t m) {
 // Per-problem state: u[n], col4row[n]; v[m], shortest_path_costs[m], scanned_costs[m],
 // path[m], row4col[m], remaining[m], vacated[m], rank[m]. scipy's sets SC and SR are
 // implicit: the scanned columns (SC) are the tail of `remaining`, the rows visited (SR)
-// cur_row and those matched to the scanned columns. (The CPU's sequential team also needs room for m
-// rounded up to 8 in v, shortest_path_costs and rank, which it reads and writes eight
-// columns at a time, and v and shortest_path_costs on 32-byte boundaries.)
+// cur_row and those matched to the scanned columns. (The CPU's sequential team also
+// needs room for m rounded up to 8 in v, shortest_path_costs and rank, which it reads and
+// writes eight columns at a time, and v and shortest_path_costs on 32-byte boundaries.)
 struct Workspace {
   double* u;
   double* v;
@@ -208,7 +208,7 @@ LSA_HD void find_path(const Cost& cost, int32_t m, Workspace w, int32_t cur_row,
 // is NaN or -inf (the CPU kernel does as it copies an item), so the solver skips its own
 // pass over them.
 //
-// Outline, as in scipy (steps 3 to 8 for each row cur_row in turn):
+// Outline, as in scipy (steps 2 to 8 for each row cur_row in turn):
 //   1. u = v = 0, every row and column free, the scan list in its starting order.
 //   2. The row's entries checked for NaN and -inf (kInvalid).
 //   3. Dijkstra from cur_row over the columns (scipy's augmenting_path): each step
