@@ -19,7 +19,7 @@
 // own partial sums; the runs of all images go in parallel and their partials are added in a
 // fixed order, so the result does not depend on the number of threads.
 //
-// Why not at::exp / at::log1p / at::mm: SLEEF's vectorised log1p costs ~10x an exp, and
+// Why not at::exp / at::log1p / at::mm: SLEEF's vectorised log1p costs several exps, and
 // MKL's GEMM is slow on this skinny shape (n <= a few dozen targets) and on AMD CPUs; the
 // forms below are accurate to a few ulp, enough for costs compared at fp32 rounding.
 #include <ATen/Dispatch.h>
