@@ -162,7 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     p_demo.add_argument("--layers", type=int, default=10)
     p_demo.add_argument("--seed", type=int, default=0)
     argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv or ["train"])
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["train", *argv]  # train is the default command, with or without options
+    args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.batch, args.queries, args.max_targets, args.layers, args.seed)
         return

@@ -119,6 +119,15 @@ def test_train_refuses_bad_settings_before_any_work(tmp_path, args):
     assert not out.exists()
 
 
+def test_options_alone_go_to_train(tmp_path):
+    """`maskformer-fast --steps 0` is `maskformer-fast train --steps 0` (scripts/main.sh passes
+    its arguments on): refused as train refuses it, not as an unknown command."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="--steps"):
+        main(["--out", str(out), *SMALL_ARGS, "--steps", "0"])
+    assert not out.exists()
+
+
 def test_eval_refuses_no_images(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", str(tmp_path / "checkpoint.pt"), "--eval-images", "0"])
