@@ -1,8 +1,12 @@
 """Loads the compiled ops (maskformer_fast._C), registers their fake kernels, chooses a
-backend and provides the scipy fallback used when the extension is not built."""
+backend and provides the scipy fallback used when the extension is not built.
+
+Private: the solver's public face is :mod:`maskformer_fast.lsa` (re-exported by
+:mod:`maskformer_fast.hungarian`), which alone imports this module's solver helpers."""
 
 from __future__ import annotations
 
+import enum
 import functools
 import warnings
 
@@ -17,12 +21,21 @@ try:
 except ImportError as exc:  # not built: the scipy fallback still works
     _LOAD_ERROR = exc
 
-STATUS_OK, STATUS_INFEASIBLE, STATUS_INVALID, STATUS_BAD_SIZES = 0, 1, 2, 3
+
+class Status(enum.IntEnum):
+    """The per-item codes of ``BatchAssignment.status`` (the C++ solver's ``lsa::Status``)."""
+
+    OK = 0  # solved
+    INFEASIBLE = 1  # no complete assignment of finite cost
+    INVALID = 2  # NaN or -inf entries (+inf under maximize)
+    BAD_SIZES = 3  # sizes outside the padded problem (CUDA only: the CPU op raises instead)
+
+
 STATUS_MESSAGES = {
-    STATUS_INFEASIBLE: "cost matrix is infeasible",
-    STATUS_INVALID: "matrix contains invalid numeric entries",
+    Status.INFEASIBLE: "cost matrix is infeasible",
+    Status.INVALID: "matrix contains invalid numeric entries",
     # CUDA only: sizes are checked in the kernel (the CPU kernel raises before solving).
-    STATUS_BAD_SIZES: "sizes lie outside the padded [N, M] problem",
+    Status.BAD_SIZES: "sizes lie outside the padded [N, M] problem",
 }
 BACKENDS = ("auto", "cpu", "cuda", "scipy")
 
@@ -122,7 +135,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 # The op's overload, for callers that have chosen the compiled backend already (the packet,
 # torch.ops.maskformer_fast.lsa, is a Python frame more).
-LSA = torch.ops.maskformer_fast.lsa.default if _LOAD_ERROR is None else None
+lsa_op = torch.ops.maskformer_fast.lsa.default if _LOAD_ERROR is None else None
 
 
 def lsa(cost: torch.Tensor, sizes: torch.Tensor | None, maximize: bool, backend: str,
@@ -216,7 +229,7 @@ def _lsa_scipy(cost: torch.Tensor, sizes: torch.Tensor | None, maximize: bool,
             r, c = scipy.optimize.linear_sum_assignment(host[b, :n, first:first + m],
                                                         maximize=maximize)
         except ValueError as exc:
-            status[b] = STATUS_INFEASIBLE if "infeasible" in str(exc) else STATUS_INVALID
+            status[b] = Status.INFEASIBLE if "infeasible" in str(exc) else Status.INVALID
             continue
         col4row[b, r] = c
     return (

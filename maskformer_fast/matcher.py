@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maskformer_fast import _ops
-from maskformer_fast.hungarian import batch_linear_sum_assignment
 from maskformer_fast.kernels import pairwise_mask_cost
-from maskformer_fast.kernels.reference import pairwise_mask_cost_float64
+from maskformer_fast.kernels.reference import has_cpu_kernel, pairwise_mask_cost_float64
+from maskformer_fast.lsa import batch_linear_sum_assignment, index_pairs
 
 NONFINITE_POLICIES = ("raise", "forbid", "clamp", "scipy")
 # An image with a cost beyond this (or not finite) in float32 is costed again in float64:
@@ -44,7 +43,7 @@ def point_sample(masks: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     N = masks.shape[1]
     differentiable = torch.is_grad_enabled() and (masks.requires_grad or coords.requires_grad)
     if masks.device.type == "cpu" and masks.dtype == torch.float32 and not differentiable \
-            and _ops.has_kernel("cpu", "bilinear_sample"):
+            and has_cpu_kernel("bilinear_sample"):
         # the compiled kernel (csrc/cost/bilinear_sample_cpu.cpp, no gradient): grid_sample's
         # values, bit for bit, each point's corners and weights computed once for all N planes
         return torch.ops.maskformer_fast.bilinear_sample(masks, grid)
@@ -252,7 +251,7 @@ class HungarianMatcher(nn.Module):
                 f"({int(counts[b])} targets, too few queries with finite predictions)"
             )
         if pairs:
-            every = _ops.pairs(result.col4row.cpu())
+            every = index_pairs(result.col4row.cpu())
             return [every[layer * B : (layer + 1) * B] for layer in range(L)]
         return list(result.col4row.view(L, B, Q).unbind(0))
 

@@ -72,8 +72,8 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
-from maskformer_fast import _ops  # noqa: E402
 from maskformer_fast.kernels import mask_cost_from_embeddings, mask_einsum, pairwise_mask_cost  # noqa: E402
+from maskformer_fast.hungarian import compiled_backends  # noqa: E402
 from maskformer_fast.matcher import HungarianMatcher  # noqa: E402
 
 SMOKE = ARGS.cpu_smoke
@@ -359,7 +359,7 @@ def seed_all(seed):
 def _environment():
     env = dict(python=sys.version.split()[0], torch=torch.__version__, triton=triton.__version__,
                interpreter=os.environ.get("TRITON_INTERPRET") == "1",
-               cuda_solver=_ops.has_kernel("cuda"), cpu_solver=_ops.has_kernel("cpu"))
+               cuda_solver="cuda" in compiled_backends(), cpu_solver="cpu" in compiled_backends())
     if DEVICE.type == "cuda":
         props = torch.cuda.get_device_properties(DEVICE)
         env.update(gpu=props.name, sms=props.multi_processor_count, capability=f"{props.major}.{props.minor}",
@@ -552,7 +552,7 @@ def _matching():
     t_ref = wall_ms(lambda: m2f_match(layers, targets), MATCH_REPS)
     record("matching", "match_layers (col4row on the device)", f"{t_ours:.2f} ms vs per-image {t_ref:.2f} ms "
            f"({t_ref / t_ours:.1f}x)", "", ours_ms=t_ours, reference_ms=t_ref, speedup=t_ref / t_ours,
-           solver="cuda" if _ops.has_kernel("cuda") else "scipy fallback")
+           solver="cuda" if "cuda" in compiled_backends() else "scipy fallback")
     record("matching", "match_layers + check (host sync)", f"{t_pairs:.2f} ms ({t_ref / t_pairs:.1f}x)", "",
            ours_ms=t_pairs)
 

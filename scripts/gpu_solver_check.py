@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from maskformer_fast import _ops  # noqa: E402
-from maskformer_fast.hungarian import batch_linear_sum_assignment  # noqa: E402
+from maskformer_fast.hungarian import batch_linear_sum_assignment, compiled_backends  # noqa: E402
 from maskformer_fast.selfcheck import check_parity, corpus, median_ms  # noqa: E402
 
 WIDTHS = (32, 64, 128, 256, 512)  # every team width the plan can pick
@@ -201,7 +201,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     global DEVICE
     DEVICE = "cpu" if args.smoke else "cuda"
-    if not args.smoke and (not torch.cuda.is_available() or not _ops.has_kernel("cuda")):
+    if not args.smoke and (not torch.cuda.is_available() or "cuda" not in compiled_backends()):
         print(f"needs a GPU and the CUDA kernels (load error: {_ops._LOAD_ERROR})")
         return 1
     info = machine()

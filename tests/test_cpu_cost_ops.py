@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maskformer_fast import _ops
+from maskformer_fast.kernels.reference import has_cpu_kernel
 from maskformer_fast.matcher import point_sample
 
-pytestmark = pytest.mark.skipif(not _ops.has_kernel("cpu", "mask_cost_sums"),
+pytestmark = pytest.mark.skipif(not has_cpu_kernel("mask_cost_sums"),
                                 reason="maskformer_fast._C built without the CPU cost kernels")
 ops = torch.ops.maskformer_fast
 INF, NAN = float("inf"), float("nan")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from maskformer_fast import _ops
-from maskformer_fast.hungarian import batch_linear_sum_assignment, linear_sum_assignment
+from maskformer_fast.hungarian import Status, batch_linear_sum_assignment, linear_sum_assignment
 
 DTYPES = [
     torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
@@ -40,7 +40,7 @@ def assert_batch_matches_scipy(cost: torch.Tensor, sizes=None, maximize=False) -
         n, m = (N, M) if sizes is None else (int(sizes[b][0]), int(sizes[b][1]))
         want = scipy_solve(to_numpy64(cost[b, :n, :m]), maximize)
         if isinstance(want, str):
-            code = _ops.STATUS_INFEASIBLE if "infeasible" in want else _ops.STATUS_INVALID
+            code = Status.INFEASIBLE if "infeasible" in want else Status.INVALID
             assert int(res.status[b]) == code, (b, want)
             assert (res.col4row[b] == -1).all()
             continue
@@ -233,11 +233,11 @@ def test_single_wide_problem_on_two_threads(kind, two_threads):
         bad = cost.clone()
         bad[0, row, col] = float("nan")
         res = batch_linear_sum_assignment(bad, errors="status")
-        assert int(res.status[0]) == _ops.STATUS_INVALID, (row, col)
+        assert int(res.status[0]) == Status.INVALID, (row, col)
     bad[0, 3, :] = float("inf")  # infeasible at row 3, long before the NaN at row 590
-    assert int(batch_linear_sum_assignment(bad, errors="status").status[0]) == _ops.STATUS_INVALID
+    assert int(batch_linear_sum_assignment(bad, errors="status").status[0]) == Status.INVALID
     bad[0, 590, 590] = 0.5
-    assert int(batch_linear_sum_assignment(bad, errors="status").status[0]) == _ops.STATUS_INFEASIBLE
+    assert int(batch_linear_sum_assignment(bad, errors="status").status[0]) == Status.INFEASIBLE
 
 
 @pytest.mark.parametrize("kind", ["uniform", "ties", "normal_wide", "forbidden"])

@@ -29,10 +29,16 @@ from maskformer_fast import _ops
 CHUNK_ELEMENTS = 1 << 16  # logits per chunk: its handful of fp32 temporaries stay in L2
 
 
+def has_cpu_kernel(op: str) -> bool:
+    """Whether the built extension has the compiled CPU kernel ``op`` ("mask_cost_sums",
+    "bilinear_sample"): False when it is not built, or built before the op."""
+    return _ops.has_kernel("cpu", op)
+
+
 def _use_cpu_kernel(x: torch.Tensor) -> bool:
     """Whether the logits ``x`` go through the compiled CPU kernel (mask_cost_sums) rather than
     the torch ops below."""
-    return x.device.type == "cpu" and _ops.has_kernel("cpu", "mask_cost_sums")
+    return x.device.type == "cpu" and has_cpu_kernel("mask_cost_sums")
 
 
 def _chunk_width(Q: int) -> int:
