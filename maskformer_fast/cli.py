@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -66,6 +67,14 @@ def demo(batch: int, queries: int, max_targets: int, layers: int, seed: int) -> 
     print(f"  index-identical to scipy on every problem: {same}")
     if not same:
         raise SystemExit("mismatch with scipy")
+
+
+# What train and eval import beyond the library itself: the `train` extra of pyproject.toml.
+TRAIN_EXTRAS = ("einops", "tqdm", "matplotlib", "pycocotools")
+
+
+def _missing_train_extras() -> list[str]:
+    return [name for name in TRAIN_EXTRAS if importlib.util.find_spec(name) is None]
 
 
 DATA_DEFAULTS = {"squares": {}, "shapes": {"queries": 12, "steps": 1500, "batch_size": 16, "lr": 3e-3}}
@@ -148,7 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     sub = parser.add_subparsers(dest="command")
     p_train = sub.add_parser("train", help="train (the default command), evaluate, draw figures")
-    _train_args(p_train)
+    missing = _missing_train_extras()
+    if not missing:  # (the options come from the trainer's Config)
+        _train_args(p_train)
     p_eval = sub.add_parser("eval", help="evaluate a checkpoint on the held-out set")
     p_eval.add_argument("checkpoint")
     p_eval.add_argument("--out", default=None, help="where to write metrics.json and figures "
@@ -164,6 +175,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["train", *argv]  # train is the default command, with or without options
+    if missing and argv[0] in ("train", "eval"):
+        # before anything runs: evaluation and figures come at the end of a training run
+        raise SystemExit(f"maskformer-fast {argv[0]}: error: needs the training extras, "
+                         f"{', '.join(missing)} missing: pip install 'maskformer_fast[train]'")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.batch, args.queries, args.max_targets, args.layers, args.seed)

@@ -1,15 +1,31 @@
-"""The package's shape: the drop-in module as a facade whose imports flow one way."""
+"""The package's shape: the drop-in module as a facade whose imports flow one way, and the
+library importable with its core dependencies alone (the trainer's behind the `train`
+extra)."""
 
 from __future__ import annotations
 
 import ast
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
 import maskformer_fast
-from maskformer_fast import hungarian, lsa, matcher
+from maskformer_fast import cli, hungarian, lsa, matcher
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "maskformer_fast"
+CORE = {"torch", "numpy", "scipy"}
+# What the library imports at module level, beyond the standard library and CORE: nothing.
+# The trainer's modules add the `train` extra; the Triton kernels (imported on first use on
+# CUDA tensors) triton.
+LIBRARY = ["__init__", "_ops", "lsa", "hungarian", "matcher", "losses", "kernels/__init__",
+           "kernels/reference", "selfcheck", "cli", "__main__"]
+TRAINER = ["train", "model", "data", "evaluate", "figures"]
+TRITON = ["kernels/triton_cost", "kernels/triton_einsum", "kernels/compile_check"]
 
 
 def module_name(path: Path) -> str:
@@ -41,6 +57,11 @@ def package_graph() -> dict[str, set[str]]:
     names = {module_name(f) for f in files} - {"maskformer_fast"}
     return {module_name(f): {m for m in imports(f, False) if m in names and m != module_name(f)}
             for f in files}
+
+
+def third_party(stem: str) -> set[str]:
+    roots = {m.split(".")[0] for m in imports(PACKAGE / f"{stem}.py", True)}
+    return roots - set(sys.stdlib_module_names) - {"maskformer_fast", "__future__"}
 
 
 def test_hungarian_is_a_facade_over_the_solver_and_the_matchers():
@@ -77,3 +98,63 @@ def test_imports_flow_one_way():
     for f in PACKAGE.rglob("*.py"):
         tree = ast.parse(f.read_text())
         assert not any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in tree.body), f
+
+
+def test_module_level_imports_match_the_extras():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(requirements):
+        return {re.split(r"[ <>=;!~\[]", r, maxsplit=1)[0] for r in requirements}
+
+    assert names(project["dependencies"]) == CORE
+    extras = project["optional-dependencies"]
+    assert names(extras["train"]) == set(cli.TRAIN_EXTRAS)
+    assert "triton" in names(extras["cuda"]) and "triton" in names(extras["test"])
+    for stem in LIBRARY:
+        assert third_party(stem) <= CORE, stem
+    for stem in TRAINER:
+        assert third_party(stem) <= CORE | names(extras["train"]), stem
+    for stem in TRITON:
+        assert third_party(stem) <= CORE | {"triton"}, stem
+
+
+BLOCK_EXTRAS = """
+import sys
+for name in ("einops", "tqdm", "matplotlib", "pycocotools", "triton", "pytest", "hypothesis"):
+    sys.modules[name] = None  # import fails, as where the package is not installed
+"""
+
+
+def test_the_library_runs_without_the_extras(tmp_path):
+    """The solver, the matcher and the criterion on the CPU with torch, numpy and scipy
+    alone; `maskformer-fast demo` too, while train and eval name the extra they need."""
+    code = BLOCK_EXTRAS + """
+import torch
+from maskformer_fast.hungarian import HungarianMatcher, Status, linear_sum_assignment
+from maskformer_fast.losses import SetCriterion
+from maskformer_fast import cli, selfcheck
+
+assert linear_sum_assignment([[4, 1, 3], [2, 0, 5], [3, 2, 2]])[1].tolist() == [1, 0, 2]
+g = torch.Generator().manual_seed(0)
+outputs = {"pred_logits": torch.randn(2, 5, 4, generator=g),
+           "pred_masks": torch.randn(2, 5, 8, 8, generator=g)}
+targets = [{"labels": torch.tensor([0, 2]), "masks": (torch.rand(2, 8, 8, generator=g) > 0.5).float()},
+           {"labels": torch.tensor([1]), "masks": (torch.rand(1, 8, 8, generator=g) > 0.5).float()}]
+pairs = HungarianMatcher(num_points=0)(outputs, targets)
+assert [len(r) for r, _ in pairs] == [2, 1], pairs
+cli.main(["demo", "--batch", "2", "--layers", "1", "--queries", "5", "--max-targets", "3"])
+for argv in (["--steps", "1"], ["eval", "checkpoint.pt"]):
+    try:
+        cli.main(argv)
+    except SystemExit as exc:
+        print("EXIT", exc)
+assert "maskformer_fast.train" not in sys.modules
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exits = [line for line in result.stdout.splitlines() if line.startswith("EXIT")]
+    assert len(exits) == 2 and all("pip install 'maskformer_fast[train]'" in e for e in exits), exits
+    assert "maskformer-fast train: error: needs the training extras, einops, tqdm" in exits[0]
+    assert "index-identical to scipy on every problem: True" in result.stdout
