@@ -1,21 +1,55 @@
 """Builds maskformer_fast._C: the C++ sources always, the CUDA sources when torch has
 CUDA and nvcc is found, or when MASKFORMER_FAST_CUDA=1 forces it (MASKFORMER_FAST_CUDA=0
 turns it off). Build with `pip install -e . --no-build-isolation` once torch is installed.
+
+The environment is read, never written: the defaults below (CUDA_HOME, the CUDA
+architectures) go to torch's build helpers directly.
 """
 
 import glob
+import logging
 import os
 import shutil
 
-# torch guesses /usr/local when /usr/local/bin/nvcc is a wrapper, then cannot link cudart.
-if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda"):
-    os.environ["CUDA_HOME"] = "/usr/local/cuda"
-# No GPU to detect on the build machines: name the architectures (sm_75 is nvcc 13's lowest).
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0+PTX")
+import torch
+from setuptools import setup
 
-import torch  # noqa: E402
-from setuptools import setup  # noqa: E402
+# No GPU to detect on the build machines: without TORCH_CUDA_ARCH_LIST, these architectures
+# (sm_75 is nvcc 13's lowest).
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+# torch guesses /usr/local when /usr/local/bin/nvcc is a wrapper, then cannot link cudart:
+# without CUDA_HOME (or CUDA_PATH), this toolkit where it exists. torch's helpers read its
+# path from their module (found when it is imported, its guess logged then): set there.
+DEFAULT_CUDA_HOME = "/usr/local/cuda"
+default_cuda_home = not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.isdir(
+    DEFAULT_CUDA_HOME
+)
+if default_cuda_home:  # (not the guess that is replaced)
+    logging.getLogger("torch.utils.cpp_extension").addFilter(
+        lambda record: "using CUDA_HOME" not in record.getMessage()
+    )
+
+from torch.utils import cpp_extension  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+if default_cuda_home:
+    cpp_extension.CUDA_HOME = DEFAULT_CUDA_HOME
+
+
+def cuda_arch_flags() -> list[str]:
+    """nvcc's -gencode flags for DEFAULT_CUDA_ARCHS when TORCH_CUDA_ARCH_LIST is unset or
+    empty, else none: torch turns the variable into flags, and adds none of its own when
+    the nvcc flags already name architectures (torch.utils.cpp_extension._get_cuda_arch_flags).
+    "X.Y" is sm_XY code, "X.Y+PTX" that and compute_XY PTX, as torch builds them."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return []
+    flags = []
+    for arch in DEFAULT_CUDA_ARCHS.split(";"):
+        num = arch.removesuffix("+PTX").replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if arch.endswith("+PTX"):
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
 
 
 def want_cuda() -> bool:
@@ -56,6 +90,7 @@ def extension():
     for root in nvidia.__path__:
         include_dirs += glob.glob(os.path.join(root, "cu*", "include"))
     nvcc = ["-std=c++20", "-O3", "-lineinfo", "-Xptxas", "-v", "--expt-relaxed-constexpr"]
+    nvcc += cuda_arch_flags()
     return CUDAExtension(
         "maskformer_fast._C", sources, include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link,

@@ -2,7 +2,8 @@
 # Set-up of a fresh machine, idempotent: a virtualenv (.venv) with the CUDA 13.0 build of
 # torch (torch==2.14.1, from this machine's disk), the dependencies of the library, the
 # trainer and the tests (the extras train and test), and maskformer_fast built in place
-# (C++ always; CUDA when nvcc is found, for sm_80/86/89/90 + PTX).
+# (C++ always; CUDA when nvcc is found, for sm_80/86/89/90 + PTX: setup.py's defaults, as
+# for CUDA_HOME, unless TORCH_CUDA_ARCH_LIST or CUDA_HOME say otherwise).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -13,8 +14,6 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q --disable-pip-version-check torch==2.14.1
 # The build's own requirements (pyproject.toml), which --no-build-isolation leaves to us.
 "$PY" -m pip install -q --disable-pip-version-check setuptools wheel ninja
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;8.6;8.9;9.0+PTX"}
 export MAX_JOBS=${MAX_JOBS:-2}
 mkdir -p build
 # The compiler's resource report (registers, spills per kernel) stays in build/build.log.

@@ -1,10 +1,11 @@
-"""The package's shape: the drop-in module as a facade whose imports flow one way, and the
+"""The package's shape: the drop-in module as a facade whose imports flow one way, the
 library importable with its core dependencies alone (the trainer's behind the `train`
-extra)."""
+extra), and setup.py reading the environment without writing it."""
 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import subprocess
@@ -158,3 +159,39 @@ assert "maskformer_fast.train" not in sys.modules
     assert len(exits) == 2 and all("pip install 'maskformer_fast[train]'" in e for e in exits), exits
     assert "maskformer-fast train: error: needs the training extras, einops, tqdm" in exits[0]
     assert "index-identical to scipy on every problem: True" in result.stdout
+
+
+SETUP_PROBE = """
+import json, os, runpy, sys
+before = dict(os.environ)
+sys.argv = ["setup.py", "--name"]
+g = runpy.run_path("setup.py")
+from torch.utils import cpp_extension
+ext = g["extension"]()
+changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))
+print(json.dumps({"changed": changed, "arch_flags": g["cuda_arch_flags"](),
+                  "nvcc": ext.extra_compile_args.get("nvcc") if isinstance(ext.extra_compile_args, dict) else None,
+                  "cuda_home": cpp_extension.CUDA_HOME}))
+"""
+
+
+@pytest.mark.parametrize("arch_list", [None, "9.0"])
+def test_setup_py_reads_the_environment_without_writing_it(arch_list):
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH", "TORCH_CUDA_ARCH_LIST")}
+    if arch_list:
+        env["TORCH_CUDA_ARCH_LIST"] = arch_list
+    result = subprocess.run([sys.executable, "-c", SETUP_PROBE], capture_output=True, text=True, cwd=ROOT,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    # (setuptools' own distutils.util.check_environ sets PLAT and HOME)
+    assert set(got["changed"]) <= {"PLAT", "HOME"}, got["changed"]
+    default = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_86,code=sm_86",
+               "-gencode=arch=compute_89,code=sm_89", "-gencode=arch=compute_90,code=sm_90",
+               "-gencode=arch=compute_90,code=compute_90"]
+    # with the variable set, torch turns it into flags itself
+    assert got["arch_flags"] == ([] if arch_list else default)
+    if got["nvcc"] is not None:  # nvcc found: the CUDA sources are built
+        assert [f for f in got["nvcc"] if "arch" in f] == got["arch_flags"]
+    if os.path.isdir("/usr/local/cuda"):
+        assert got["cuda_home"] == "/usr/local/cuda"
