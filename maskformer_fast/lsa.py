@@ -118,16 +118,15 @@ def _as_sizes(sizes, batch: int, device: torch.device) -> torch.Tensor:
         raise ValueError(f"sizes must have shape [B, 2] = [{batch}, 2], got {list(s.shape)}")
     if s.dtype == torch.int64 and s.device == device:
         return s
-    return _int64_on(s, device)
+    return to_device(s.long(), device)
 
 
-def _int64_on(s: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """s as int64 on device; from the host to a GPU through pinned memory, so that the
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; a host tensor goes to CUDA through pinned memory, so that the
     copy is asynchronous (from pageable memory it waits for the stream)."""
-    s = s.long()
-    if device.type == "cuda" and s.is_cpu:
-        return s.pin_memory().to(device, non_blocking=True)
-    return s.to(device)
+    if device.type == "cuda" and tensor.is_cpu:
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _as_splits(col_splits, batch: int, cols: int, device: torch.device) -> torch.Tensor:
@@ -149,7 +148,7 @@ def _as_splits(col_splits, batch: int, cols: int, device: torch.device) -> torch
     elif s.shape[0] != batch:  # (values on a GPU are checked by the kernel)
         raise ValueError(f"col_splits must have one entry per batch item ({batch}), got shape "
                          f"[{s.shape[0]}]")
-    return _int64_on(s, device)
+    return to_device(s.long(), device)
 
 
 def batch_linear_sum_assignment(

@@ -26,7 +26,7 @@ from torch import nn
 
 from maskformer_fast.kernels import pairwise_mask_cost
 from maskformer_fast.kernels.reference import has_cpu_kernel, pairwise_mask_cost_float64
-from maskformer_fast.lsa import batch_linear_sum_assignment, index_pairs
+from maskformer_fast.lsa import batch_linear_sum_assignment, index_pairs, to_device
 
 NONFINITE_POLICIES = ("raise", "forbid", "clamp", "scipy")
 # An image with a cost beyond this (or not finite) in float32 is costed again in float64:
@@ -97,14 +97,6 @@ def pad_targets(targets: Sequence[dict], device: torch.device, *, sizes: str = "
             h, w = t["masks"].shape[-2:]
             masks[b, : counts[b], :h, :w] = t["masks"].to(device, non_blocking=True)
     return masks, labels, host_counts
-
-
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor`` on ``device``; a host tensor goes to CUDA through pinned memory, so that the
-    copy is asynchronous and the host never waits for the GPU."""
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 class HungarianMatcher(nn.Module):
@@ -229,7 +221,7 @@ class HungarianMatcher(nn.Module):
         device = layers[0]["pred_masks"].device
         pad = "pad" if self.num_points == 0 and self.pad_mixed_targets else "list"
         tgt_masks, tgt_labels, host_counts = pad_targets(targets, device, sizes=pad)
-        counts = _to_device(host_counts, device)
+        counts = to_device(host_counts, device)
         with torch.autocast(device.type, enabled=False):  # costs in fp32, as Mask2Former
             # the points of every layer, in the order the reference draws them
             coords = [self._points(o["pred_masks"]) if self.num_points else None for o in layers]
@@ -301,7 +293,7 @@ class HungarianMatcher(nn.Module):
         device, or the generator's), shared by the predictions and the targets of that image."""
         device = self.generator.device if self.generator is not None else pred.device
         draws = [torch.rand(self.num_points, 2, generator=self.generator, device=device) for _ in range(pred.shape[0])]
-        return _to_device(torch.stack(draws) if draws else torch.zeros(0, self.num_points, 2, device=device),
+        return to_device(torch.stack(draws) if draws else torch.zeros(0, self.num_points, 2, device=device),
                           pred.device)
 
     def _sample(self, pred: torch.Tensor, tgt: torch.Tensor, coords: torch.Tensor | None):
