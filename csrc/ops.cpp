@@ -27,17 +27,22 @@ TORCH_LIBRARY(maskformer_fast, m) {
   // unmatched or padding; column indices within the item) and status [B] int32 (0 ok,
   // 1 infeasible, 2 invalid, 3 sizes or splits out of range: CUDA, which checks them on
   // the device). raise_errors: raise ValueError with scipy's message and the index of
-  // the first item that failed instead (errors="raise").
+  // the first item that failed instead (errors="raise"). method: 0 auto, 1 certified
+  // (square items on the CPU: Jonker-Volgenant plus a proof that the matching is scipy's,
+  // else scipy's order), 2 scipy's order only. The indices are the same for every method;
+  // CUDA always solves in scipy's order.
   m.def(
       "lsa(Tensor cost, Tensor? sizes, bool maximize, bool raise_errors=False, "
-      "Tensor? col_splits=None) -> (Tensor col4row, Tensor status)");
+      "Tensor? col_splits=None, int method=0) -> (Tensor col4row, Tensor status)");
   // The same, also returning the optimal duals u [B, N], v [B, M] (float64) of the
-  // minimisation (of -cost when maximize), with `lanes` = 1 for the production team or
-  // a power of two up to 1024 for a team of that width (a simulated one on the CPU). For
+  // minimisation (of -cost when maximize) from the solver that produced the matching,
+  // with `lanes` = 1 for the production team or a power of two up to 1024 for a team of
+  // that width (a simulated one on the CPU, always in scipy's order). `method` as for lsa,
+  // but scipy's order by default: its duals are the same for every team and device. For
   // tests, diagnostics and timings.
   m.def(
-      "lsa_duals(Tensor cost, Tensor? sizes, bool maximize, int lanes, Tensor? col_splits=None) "
-      "-> (Tensor col4row, Tensor status, Tensor u, Tensor v)");
+      "lsa_duals(Tensor cost, Tensor? sizes, bool maximize, int lanes, Tensor? col_splits=None, "
+      "int method=2) -> (Tensor col4row, Tensor status, Tensor u, Tensor v)");
 
   // The pixel sums of the matching cost (CPU; maskformer_fast/kernels/reference.py): logits
   // [B, Q, P] (float), targets [B, T, P] in [0, 1], counts [B] or None (targets beyond an

@@ -51,7 +51,7 @@ if _LOAD_ERROR is None:
             raise ValueError(f"{op}: every tensor argument must be on one device, got {names}")
 
     @torch.library.register_fake("maskformer_fast::lsa")
-    def _lsa_fake(cost, sizes, maximize, raise_errors=False, col_splits=None):
+    def _lsa_fake(cost, sizes, maximize, raise_errors=False, col_splits=None, method=0):
         _one_device("lsa", cost, sizes, col_splits)
         batch, rows = cost.shape[0], cost.shape[1]
         return cost.new_empty((batch, rows), dtype=torch.int64), cost.new_empty(
@@ -59,7 +59,7 @@ if _LOAD_ERROR is None:
         )
 
     @torch.library.register_fake("maskformer_fast::lsa_duals")
-    def _lsa_duals_fake(cost, sizes, maximize, lanes, col_splits=None):
+    def _lsa_duals_fake(cost, sizes, maximize, lanes, col_splits=None, method=2):
         _one_device("lsa_duals", cost, sizes, col_splits)
         batch, rows, cols = cost.shape
         return (

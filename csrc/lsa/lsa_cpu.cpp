@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "certified.h"
 #include "oriented_copy.h"
 #include "pair_team.h"
 #include "sequential_team.h"
@@ -67,6 +68,7 @@ template <typename T>
 struct Scratch {
   std::vector<char> cost, state;
   lsa::SequentialTeam team;
+  lsa::Certifier certifier;
 
   static int64_t lines(int64_t bytes) { return (bytes + 63) / 64 * 64; }
   static char* aligned(std::vector<char>& buffer, int64_t bytes) {
@@ -158,10 +160,23 @@ constexpr int32_t kPairCols = 512;
 // A batch with fewer entries (all items together) than this is solved by one thread.
 constexpr int64_t kParallelEntries = 16 * 1024;
 
+// maskformer_fast::lsa's `method`.
+enum Method : int64_t { kAuto = 0, kCertified = 1, kOrdered = 2 };
+
+// Under kAuto, a square item with at least this many rows tries the certified path.
+constexpr int32_t kCertifiedRows = 16;
+
+// Whether an item of `n` rows and `m` columns, as oriented, tries the certified path.
+template <class Cost>
+bool try_certified(int64_t method, const Cost& cost, int32_t n, int32_t m) {
+  if (method == kOrdered || n != m || n < 2) return false;
+  return method == kCertified || (n >= kCertifiedRows && !lsa::likely_ties(cost, n));
+}
+
 // Solves every item; fills col4row [B, N] (-1 where unmatched), status [B], and,
 // when `u_out` is defined, the duals u [B, N] and v [B, M] in the caller's orientation.
 void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximize, int64_t lanes,
-                 Tensor& col4row, Tensor& status, Tensor* u_out, Tensor* v_out) {
+                 int64_t method, Tensor& col4row, Tensor& status, Tensor* u_out, Tensor* v_out) {
   const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
   int64_t* c4r = col4row.data_ptr<int64_t>();
   int32_t* st = status.data_ptr<int32_t>();
@@ -233,19 +248,36 @@ void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximi
         finish(0, lsa::kInvalid, lsa::Workspace{});
         return;
       }
-      // Everything allocated before the threads start: a member that threw would leave
-      // the other waiting for its keys.
-      lsa::PairTeam::Exchange exchange;
       const lsa::Workspace ws[2] = {own[0].workspace(n, m), own[1].workspace(n, m)};
-      lsa::PairTeam teams[2] = {{exchange, 0, m}, {exchange, 1, m}};
-      at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
-        if (end - begin == 2) {  // one thread after all: alone
-          finish(0, lsa::solve(own[0].team, view, n, m, ws[0], checked), ws[0]);
-          return;
+      // Both members solve, each on its own workspace, from ws's state when `warm`.
+      const auto pair_solve = [&](bool warm) {
+        // Everything allocated before the threads start: a member that threw would leave
+        // the other waiting for its keys.
+        lsa::PairTeam::Exchange exchange;
+        lsa::PairTeam teams[2] = {{exchange, 0, m}, {exchange, 1, m}};
+        int32_t result = lsa::kInvalid;
+        at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+          if (end - begin == 2) {  // one thread after all: alone
+            result = lsa::solve(own[0].team, view, n, m, ws[0], checked || warm, warm);
+            return;
+          }
+          const int32_t mine = lsa::solve(teams[begin], view, n, m, ws[begin], checked || warm, warm);
+          if (begin == 0) result = mine;
+        });
+        return result;
+      };
+      if (try_certified(method, view, n, m)) {
+        const double cmax = lsa::jv_initialise(view, n, ws[0]);
+        if (cmax < lsa::kInf) {
+          std::copy_n(ws[0].u, n, ws[1].u), std::copy_n(ws[0].col4row, n, ws[1].col4row);
+          std::copy_n(ws[0].v, m, ws[1].v), std::copy_n(ws[0].row4col, m, ws[1].row4col);
+          if (pair_solve(true) == lsa::kOk && lsa::certify(view, n, ws[0], cmax, own[0].certifier)) {
+            finish(0, lsa::kOk, ws[0]);
+            return;
+          }
         }
-        const int32_t result = lsa::solve(teams[begin], view, n, m, ws[begin], checked);
-        if (begin == 0) finish(0, result, ws[0]);
-      });
+      }
+      finish(0, pair_solve(false), ws[0]);
       return;
     }
 #endif
@@ -261,7 +293,10 @@ void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximi
           const lsa::Workspace w = scratch.workspace(n, m);
           int32_t result = lsa::kInvalid;
           if (valid && lanes <= 1) {
-            result = lsa::solve(scratch.team, view, n, m, w, checked);
+            result = -1;
+            if (try_certified(method, view, n, m))
+              result = lsa::solve_certified(scratch.team, view, n, w, scratch.certifier);
+            if (result < 0) result = lsa::solve(scratch.team, view, n, m, w, checked);
           } else if (valid) {
             lsa::SimulatedTeam team{int(lanes)};
             result = lsa::solve(team, view, n, m, w, checked);
@@ -276,11 +311,13 @@ void solve_batch(const Tensor& cost, const std::vector<Item>& items, bool maximi
 
 std::tuple<Tensor, Tensor> lsa_cpu(const Tensor& cost, const std::optional<Tensor>& sizes,
                                    bool maximize, bool raise_errors,
-                                   const std::optional<Tensor>& col_splits) {
+                                   const std::optional<Tensor>& col_splits, int64_t method) {
+  TORCH_CHECK_VALUE(method >= kAuto && method <= kOrdered,
+                    "lsa: method must be 0 (auto), 1 (certified) or 2 (scipy's order), got ", method);
   const auto items = read_items(cost, sizes, col_splits);
   auto col4row = at::full({cost.size(0), cost.size(1)}, -1, cost.options().dtype(at::kLong));
   auto status = at::empty({cost.size(0)}, cost.options().dtype(at::kInt));
-  solve_batch(cost, items, maximize, 1, col4row, status, nullptr, nullptr);
+  solve_batch(cost, items, maximize, 1, method, col4row, status, nullptr, nullptr);
   if (raise_errors) raise_for_status(status.const_data_ptr<int32_t>(), status.size(0));
   return {col4row, status};
 }
@@ -288,17 +325,20 @@ std::tuple<Tensor, Tensor> lsa_cpu(const Tensor& cost, const std::optional<Tenso
 std::tuple<Tensor, Tensor, Tensor, Tensor> lsa_duals_cpu(const Tensor& cost,
                                                          const std::optional<Tensor>& sizes,
                                                          bool maximize, int64_t lanes,
-                                                         const std::optional<Tensor>& col_splits) {
+                                                         const std::optional<Tensor>& col_splits,
+                                                         int64_t method) {
   TORCH_CHECK_VALUE(lanes == 1 || (lanes >= 2 && lanes <= 1024 && (lanes & (lanes - 1)) == 0),
                     "lsa_duals: lanes must be 1 (sequential) or a power of two up to 1024, got ",
                     lanes);
+  TORCH_CHECK_VALUE(method >= kAuto && method <= kOrdered,
+                    "lsa_duals: method must be 0 (auto), 1 (certified) or 2 (scipy's order), got ", method);
   const auto items = read_items(cost, sizes, col_splits);
   auto opts = cost.options();
   auto col4row = at::full({cost.size(0), cost.size(1)}, -1, opts.dtype(at::kLong));
   auto status = at::empty({cost.size(0)}, opts.dtype(at::kInt));
   auto u = at::full({cost.size(0), cost.size(1)}, 0.0, opts.dtype(at::kDouble));
   auto v = at::full({cost.size(0), cost.size(2)}, 0.0, opts.dtype(at::kDouble));
-  solve_batch(cost, items, maximize, lanes, col4row, status, &u, &v);
+  solve_batch(cost, items, maximize, lanes, method, col4row, status, &u, &v);
   return {col4row, status, u, v};
 }
 

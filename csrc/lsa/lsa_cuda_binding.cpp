@@ -113,7 +113,7 @@ void check_cost(const Tensor& cost) {
 
 std::tuple<Tensor, Tensor> lsa_cuda(const Tensor& cost, const std::optional<Tensor>& sizes,
                                     bool maximize, bool raise_errors,
-                                    const std::optional<Tensor>& col_splits) {
+                                    const std::optional<Tensor>& col_splits, int64_t /*method*/) {
   check_cost(cost);
   const c10::cuda::CUDAGuard guard(cost.device());
   const auto opts = cost.options();
@@ -133,7 +133,8 @@ std::tuple<Tensor, Tensor> lsa_cuda(const Tensor& cost, const std::optional<Tens
 std::tuple<Tensor, Tensor, Tensor, Tensor> lsa_duals_cuda(const Tensor& cost,
                                                           const std::optional<Tensor>& sizes,
                                                           bool maximize, int64_t lanes,
-                                                          const std::optional<Tensor>& col_splits) {
+                                                          const std::optional<Tensor>& col_splits,
+                                                          int64_t /*method*/) {
   TORCH_CHECK_VALUE(lanes == 1 || (lanes >= lsa::cuda::kWarpLanes && lanes <= lsa::cuda::kMaxBlockThreads &&
                                    (lanes & (lanes - 1)) == 0),
                     "lsa_duals: on CUDA, lanes must be 1 (automatic), ", lsa::cuda::kWarpLanes,

@@ -206,7 +206,8 @@ LSA_HD void find_path(const Cost& cost, int32_t m, Workspace w, int32_t cur_row,
 // w.u, w.v filled; kInvalid if an entry is NaN or -inf; kInfeasible if no matching of
 // finite cost exists. `entries_checked`: the caller has already made sure that no entry
 // is NaN or -inf (the CPU kernel does as it copies an item), so the solver skips its own
-// pass over them.
+// pass over them. `warm`: w already holds a partial matching with feasible duals (u, v,
+// col4row, row4col; certified.h), and only its free rows are augmented.
 //
 // Outline, as in scipy (steps 2 to 8 for each row cur_row in turn):
 //   1. u = v = 0, every row and column free, the scan list in its starting order.
@@ -221,7 +222,7 @@ LSA_HD void find_path(const Cost& cost, int32_t m, Workspace w, int32_t cur_row,
 //   8. The scan list restored to its starting order.
 template <class Team, class Cost>
 LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspace w,
-                     bool entries_checked = false) {
+                     bool entries_checked = false, bool warm = false) {
   // Whether rows [from, to) hold an invalid entry: NaN and -inf are exactly the entries
   // that are not above -inf.
   const auto invalid = [&](int32_t from, int32_t to) {
@@ -239,14 +240,19 @@ LSA_HD int32_t solve(Team& team, const Cost& cost, int32_t n, int32_t m, Workspa
   };
 
   // 1. (With every column free, the starting order gives column j the tie rank j.)
-  team.for_each(n, [&](int32_t i) { w.u[i] = 0.0; w.col4row[i] = -1; });
-  team.for_each(m, [&](int32_t j) {
-    w.v[j] = 0.0, w.row4col[j] = -1;
-    w.remaining[j] = m - 1 - j, w.rank[j] = j;
-  });
+  if (warm) {
+    team.for_each(m, restore);
+  } else {
+    team.for_each(n, [&](int32_t i) { w.u[i] = 0.0; w.col4row[i] = -1; });
+    team.for_each(m, [&](int32_t j) {
+      w.v[j] = 0.0, w.row4col[j] = -1;
+      w.remaining[j] = m - 1 - j, w.rank[j] = j;
+    });
+  }
   team.sync();
 
   for (int32_t cur_row = 0; cur_row < n; ++cur_row) {
+    if (warm && w.col4row[cur_row] >= 0) continue;
     // 2. Row cur_row only, as its Dijkstra begins (in the first relaxation where the team
     // relaxes through Relax): no earlier step reads it, the rows visited so far being
     // matched ones. The later rows are checked only if the problem turns out infeasible,

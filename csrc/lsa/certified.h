@@ -1,0 +1,299 @@
+// The certified fast path for one square problem: Jonker and Volgenant's initialisation,
+// shortest augmenting paths for the rows it leaves free, then a proof that the matching
+// is the one scipy returns. docs/solver.md gives the argument and the bound.
+//
+//   R. Jonker, A. Volgenant, "A shortest augmenting path algorithm for dense and sparse
+//   linear assignment problems", Computing 38, 1987, pp. 325-340.
+//
+// The matching differs from scipy's only where the optimum is not unique. certify()
+// proves that it is unique by more than any rounding error of either solver: every
+// alternating cycle (another assignment differs from this one by a union of them) must
+// use an edge whose reduced cost exceeds tau. Where the proof fails the caller solves the
+// problem again in scipy's order (solver.h), so the indices are scipy's either way.
+//
+// CPU only. The loops go through GCC's vector extensions, eight doubles at a time, which
+// the compiler maps onto whatever -march offers.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "solver.h"
+
+namespace lsa {
+
+namespace jv {
+
+typedef double V8 __attribute__((vector_size(64)));
+typedef int64_t M8 __attribute__((vector_size(64)));  // lane masks of a V8 comparison
+typedef float F8 __attribute__((vector_size(32)));
+
+template <class T>
+inline V8 load8(const T* p) {
+  if constexpr (sizeof(T) == 4) {
+    F8 f;
+    std::memcpy(&f, p, sizeof f);
+    return __builtin_convertvector(f, V8);
+  } else {
+    V8 d;
+    std::memcpy(&d, p, sizeof d);
+    return d;
+  }
+}
+inline void store8(double* p, V8 x) { std::memcpy(p, &x, sizeof x); }
+inline V8 splat(double x) { return V8{} + x; }
+constexpr V8 kLane = {0, 1, 2, 3, 4, 5, 6, 7};
+
+// The two least values of a row of reduced costs c[i][j] - v[j] and their columns
+// (m2 == m1 on a tie; j1 != j2).
+struct Top2 {
+  double m1 = kInf, m2 = kInf;
+  int32_t j1 = -1, j2 = -1;
+  void insert(double x, int32_t j) {
+    if (x < m1) {
+      m2 = m1, j2 = j1, m1 = x, j1 = j;
+    } else if (x < m2) {
+      m2 = x, j2 = j;
+    }
+  }
+};
+
+template <class T>
+Top2 top2(const T* row, const double* v, int32_t m) {
+  V8 m1 = splat(kInf), m2 = m1, j1 = splat(-1), j2 = j1, jv = kLane;
+  int32_t j = 0;
+  for (; j + 8 <= m; j += 8, jv += 8) {
+    const V8 x = load8(row + j) - load8(v + j);
+    const M8 lt1 = x < m1, lt2 = x < m2;
+    m2 = lt1 ? m1 : (lt2 ? x : m2);
+    j2 = lt1 ? j1 : (lt2 ? jv : j2);
+    m1 = lt1 ? x : m1;
+    j1 = lt1 ? jv : j1;
+  }
+  Top2 t;
+  for (int l = 0; l < 8; ++l) t.insert(m1[l], int32_t(j1[l])), t.insert(m2[l], int32_t(j2[l]));
+  for (; j < m; ++j) t.insert(double(row[j]) - v[j], j);
+  return t;
+}
+
+}  // namespace jv
+
+// Scratch of the certificate, kept by each thread between items.
+struct Certifier {
+  std::vector<int32_t> from, to;     // candidate tight edges, as rows of the row graph
+  std::vector<double> slack;         // their reduced costs
+  std::vector<int32_t> head, next, indegree, queue;
+};
+
+// Jonker-Volgenant's initialisation of an n x n problem (n >= 2): column reduction,
+// reduction transfer, then two passes of augmenting row reduction. Leaves in w a partial
+// matching with duals such that every matched row's column is a least entry of its
+// reduced costs c[i][j] - v[j], and u[i] = c[i][col4row[i]] - v[col4row[i]] (0 for free
+// rows): a warm start for solve(). Returns max |c|, or +inf if an entry is not finite (the
+// caller then takes scipy's order, which reports it).
+template <class Cost>
+double jv_initialise(const Cost& cost, int32_t n, Workspace w) {
+  using jv::V8;
+  using jv::M8;
+  double* v = w.v;
+  double* arg = w.scanned_costs;  // per column: the row of its least entry (as a double)
+  int32_t* matches = w.rank;      // per row: the columns whose least entry it holds
+  int32_t* free_rows = w.remaining;
+  for (int32_t j = 0; j < n; ++j) v[j] = kInf, arg[j] = -1;
+  for (int32_t i = 0; i < n; ++i) w.col4row[i] = -1, matches[i] = 0, w.u[i] = 0;
+
+  // Column reduction, row by row (the matrix is stored by rows); checks every entry.
+  V8 amax = jv::splat(0);
+  M8 bad = M8{};
+  double amax_tail = 0;
+  bool bad_tail = false;
+  for (int32_t i = 0; i < n; ++i) {
+    const auto* row = cost.row(i);
+    const V8 iv = jv::splat(i);
+    int32_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const V8 x = jv::load8(row + j), vj = jv::load8(v + j);
+      const M8 lt = x < vj;
+      jv::store8(v + j, lt ? x : vj);
+      jv::store8(arg + j, lt ? iv : jv::load8(arg + j));
+      const V8 ax = x < 0 ? -x : x;
+      amax = ax > amax ? ax : amax;
+      bad |= x != x;
+    }
+    for (; j < n; ++j) {
+      const double x = double(row[j]);
+      if (x < v[j]) v[j] = x, arg[j] = i;
+      amax_tail = std::max(amax_tail, std::fabs(x));
+      bad_tail |= x != x;
+    }
+  }
+  double cmax = amax_tail;
+  for (int l = 0; l < 8; ++l) cmax = std::max(cmax, amax[l]), bad_tail |= bad[l] != 0;
+  if (bad_tail || !(cmax < kInf)) return kInf;
+
+  // Each column to the row of its least entry, last columns first, unless that row is
+  // already taken.
+  for (int32_t j = n - 1; j >= 0; --j) {
+    const int32_t i = int32_t(arg[j]);
+    w.row4col[j] = -1;
+    if (matches[i]++ == 0) w.row4col[j] = i, w.col4row[i] = j;
+  }
+
+  // Reduction transfer: a row that took one column makes it dearer for the others, by
+  // as much as the row's next best column costs it.
+  int32_t num_free = 0;
+  for (int32_t i = 0; i < n; ++i) {
+    if (matches[i] == 0) {
+      free_rows[num_free++] = i;
+    } else if (matches[i] == 1) {
+      const int32_t j1 = w.col4row[i];
+      const jv::Top2 t = jv::top2(cost.row(i), v, n);
+      v[j1] -= t.j1 == j1 ? t.m2 : t.m1;
+    }
+  }
+
+  // Augmenting row reduction: each free row takes its best column, lowering that
+  // column's dual until the row's second best ties it; a row it displaces is free again,
+  // taken next if the dual dropped, else in the next pass. Ties make this an auction
+  // that can bid in ever smaller steps, so it stops after 2n bids: the rows still free
+  // are left to the shortest augmenting paths.
+  int64_t bids = 0;
+  for (int pass = 0; pass < 2 && bids < 2 * int64_t(n); ++pass) {
+    const int32_t listed = num_free;
+    int32_t k = 0;
+    num_free = 0;
+    while (k < listed && bids++ < 2 * int64_t(n)) {
+      const int32_t i = free_rows[k++];
+      const jv::Top2 t = jv::top2(cost.row(i), v, n);
+      int32_t j = t.j1, i0 = w.row4col[j];
+      if (t.m1 < t.m2) {
+        v[j] -= t.m2 - t.m1;
+      } else if (i0 >= 0) {
+        j = t.j2, i0 = w.row4col[j];
+      }
+      w.row4col[j] = i, w.col4row[i] = j;
+      if (i0 >= 0) {
+        w.col4row[i0] = -1;
+        if (t.m1 < t.m2) {
+          free_rows[--k] = i0;
+        } else {
+          free_rows[num_free++] = i0;
+        }
+      }
+    }
+  }
+  for (int32_t i = 0; i < n; ++i) {
+    const int32_t j = w.col4row[i];
+    if (j >= 0) w.u[i] = double(cost.row(i)[j]) - v[j];
+  }
+  return cmax;
+}
+
+// Whether the matching w.col4row of an n x n problem with duals w.u, w.v is provably the
+// one scipy returns (docs/solver.md): no alternating cycle of edges whose reduced cost is
+// at most tau. `cmax` = max |c|.
+template <class Cost>
+bool certify(const Cost& cost, int32_t n, const Workspace& w, double cmax, Certifier& c) {
+  constexpr double unit = 0x1p-53;
+  double umax = 0, vmax = 0;
+  for (int32_t i = 0; i < n; ++i) umax = std::max(umax, std::fabs(w.u[i]));
+  for (int32_t j = 0; j < n; ++j) vmax = std::max(vmax, std::fabs(w.v[j]));
+  if (!(umax < kInf && vmax < kInf)) return false;
+  const double dn = n;
+  const double delta = 3 * unit * (cmax + umax + vmax);  // error of one computed reduced cost
+  const double scipy_gap = 64 * dn * (dn + 2) * unit * cmax;
+  // Our own duals' violations (negative reduced costs, matched edges off zero) may add up
+  // to `own` before the proof gives up; a first pass collects every edge that could be
+  // tight for any violations up to that.
+  const double own = 8 * dn * unit * (cmax + umax + vmax);
+  const double tau_max = scipy_gap + delta + dn * (2 * own + 2 * delta);
+  const size_t cap = 8 * size_t(n) + 64;  // more candidates: the proof fails fast
+
+  c.from.clear(), c.to.clear(), c.slack.clear();
+  jv::V8 rmin = jv::splat(kInf);
+  double rmin_tail = kInf, off_zero = 0;
+  const jv::V8 hi = jv::splat(tau_max);
+  for (int32_t i = 0; i < n; ++i) {
+    const auto* row = cost.row(i);
+    const double ui = w.u[i];
+    const int32_t mine = w.col4row[i];
+    const auto candidate = [&](double r, int32_t j) {
+      if (j == mine) return;
+      c.from.push_back(i), c.to.push_back(w.row4col[j]), c.slack.push_back(r);
+    };
+    int32_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const jv::V8 r = (jv::load8(row + j) - ui) - jv::load8(w.v + j);
+      rmin = r < rmin ? r : rmin;
+      const jv::M8 tight = r <= hi;
+      int64_t any = 0;
+      for (int l = 0; l < 8; ++l) any |= tight[l];
+      if (any) {
+        for (int l = 0; l < 8; ++l)
+          if (tight[l]) candidate(r[l], j + l);
+        if (c.from.size() > cap) return false;
+      }
+    }
+    for (; j < n; ++j) {
+      const double r = (double(row[j]) - ui) - w.v[j];
+      rmin_tail = std::min(rmin_tail, r);
+      if (r <= tau_max) candidate(r, j);
+    }
+    if (c.from.size() > cap) return false;
+    off_zero = std::max(off_zero, std::fabs((double(row[mine]) - ui) - w.v[mine]));
+  }
+  for (int l = 0; l < 8; ++l) rmin_tail = std::min(rmin_tail, rmin[l]);
+  const double below = std::max(0.0, -rmin_tail);
+  if (below > own || off_zero > own) return false;
+  const double tau = scipy_gap + delta + dn * (below + off_zero + 2 * delta);
+
+  // The tight edges as a graph on rows: i -> the row matched to column j. An alternating
+  // cycle is a directed cycle; Kahn's algorithm removes every row iff there is none.
+  c.head.assign(n, -1), c.next.assign(c.from.size(), -1), c.indegree.assign(n, 0);
+  for (size_t e = 0; e < c.from.size(); ++e) {
+    if (c.slack[e] > tau) continue;
+    c.next[e] = c.head[c.from[e]], c.head[c.from[e]] = int32_t(e);
+    ++c.indegree[c.to[e]];
+  }
+  c.queue.clear();
+  for (int32_t i = 0; i < n; ++i)
+    if (c.indegree[i] == 0) c.queue.push_back(i);
+  for (size_t q = 0; q < c.queue.size(); ++q)
+    for (int32_t e = c.head[c.queue[q]]; e >= 0; e = c.next[e])
+      if (--c.indegree[c.to[e]] == 0) c.queue.push_back(c.to[e]);
+  return c.queue.size() == size_t(n);
+}
+
+// Whether the first and last rows each hold their least entry more than once: costs
+// with few distinct values (integers, quantised scores), whose optimum is rarely unique,
+// so that the proof would fail after the fast path's work. A few microseconds.
+template <class Cost>
+bool likely_ties(const Cost& cost, int32_t n) {
+  const auto repeated_min = [&](int32_t i) {
+    const auto* row = cost.row(i);
+    double least = kInf;
+    int32_t count = 0;
+    for (int32_t j = 0; j < n; ++j) {
+      const double x = double(row[j]);
+      count = x < least ? 1 : count + (x == least);
+      least = std::min(least, x);
+    }
+    return count > 1;
+  };
+  return repeated_min(0) && repeated_min(n - 1);
+}
+
+// Solves an n x n problem (n >= 2) on the fast path: returns kOk with scipy's matching
+// and this solver's duals in w when the result is certified, else -1.
+template <class Team, class Cost>
+int32_t solve_certified(Team& team, const Cost& cost, int32_t n, Workspace w, Certifier& c) {
+  const double cmax = jv_initialise(cost, n, w);
+  if (!(cmax < kInf)) return -1;
+  if (solve(team, cost, n, n, w, true, true) != kOk) return -1;
+  return certify(cost, n, w, cmax, c) ? kOk : -1;
+}
+
+}  // namespace lsa
