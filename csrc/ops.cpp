@@ -43,6 +43,10 @@ TORCH_LIBRARY(maskformer_fast, m) {
   m.def(
       "lsa_duals(Tensor cost, Tensor? sizes, bool maximize, int lanes, Tensor? col_splits=None, "
       "int method=2) -> (Tensor col4row, Tensor status, Tensor u, Tensor v)");
+  // The certified path's proof (csrc/lsa/certified.h) alone, for tests: whether the
+  // matching col4row [n] (a permutation) of the square float64 cost [n, n] is provably
+  // the one scipy returns, given duals u [n], v [n] (float64).
+  m.def("lsa_certificate(Tensor cost, Tensor col4row, Tensor u, Tensor v) -> bool");
 
   // The pixel sums of the matching cost (CPU; maskformer_fast/kernels/reference.py): logits
   // [B, Q, P] (float), targets [B, T, P] in [0, 1], counts [B] or None (targets beyond an

@@ -139,12 +139,13 @@ lsa_op = torch.ops.maskformer_fast.lsa.default if _LOAD_ERROR is None else None
 
 
 def lsa(cost: torch.Tensor, sizes: torch.Tensor | None, maximize: bool, backend: str,
-        raise_errors=False, col_splits: torch.Tensor | None = None):
+        raise_errors=False, col_splits: torch.Tensor | None = None, method: int = 0):
     """Runs the batched op on the chosen backend: (col4row [B, N] int64, status [B] int32).
-    raise_errors: raise ValueError for the first failed item instead (raise_for_status)."""
+    raise_errors: raise ValueError for the first failed item instead (raise_for_status).
+    method: the op's (0 auto, 1 certified, 2 scipy's order; CPU only)."""
     if backend == "cpu":
         # (the op's own check: no Python after the solve, where each step costs most)
-        return torch.ops.maskformer_fast.lsa(cost, sizes, maximize, raise_errors, col_splits)
+        return torch.ops.maskformer_fast.lsa(cost, sizes, maximize, raise_errors, col_splits, method)
     if backend == "cuda":
         # The statuses are read here, not by the op: an error raised from the CUDA op crashed
         # the process on an H200 with torch 2.11 (the op reads them the same way: one sync).

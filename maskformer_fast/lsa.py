@@ -1,9 +1,11 @@
 """Exact, batched linear sum assignment: a drop-in for scipy.optimize.linear_sum_assignment.
 
-Every problem is solved with scipy's own algorithm (Crouse's shortest augmenting path,
-float64 arithmetic in the same order), so the returned indices are those scipy returns,
-ties included. One call solves a whole batch, in C++ on the CPU (batch items in
-parallel) or in CUDA on the GPU.
+The returned indices are those scipy returns, ties included. Every problem is solved
+with scipy's own algorithm (Crouse's shortest augmenting path, float64 arithmetic in the
+same order), or, for a larger square problem on the CPU, by a faster exact method whose
+result is then proven to be scipy's (unique by more than any rounding error), else
+solved again in scipy's order. One call solves a whole batch, in C++ on the CPU (batch
+items in parallel) or in CUDA on the GPU.
 
 The solver's public face: users import it through :mod:`maskformer_fast.hungarian`, which
 re-exports everything here beside the matchers.
@@ -63,6 +65,16 @@ def index_pairs(col4row: torch.Tensor | np.ndarray) -> list[tuple]:
     if isinstance(col4row, np.ndarray):
         return [(r.numpy(), c.numpy()) for r, c in _ops.pairs(torch.from_numpy(col4row))]
     raise TypeError(f"col4row must be a torch tensor or numpy array, got {type(col4row).__name__}")
+
+
+METHODS = {"auto": 0, "certified": 1, "ordered": 2}
+
+
+def _method(method: str) -> int:
+    try:
+        return METHODS[method]
+    except (KeyError, TypeError):
+        raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}") from None
 
 
 def compiled_backends() -> tuple[str, ...]:
@@ -159,6 +171,7 @@ def batch_linear_sum_assignment(
     maximize: bool = False,
     errors: str = "raise",
     backend: str = "auto",
+    method: str = "auto",
 ) -> BatchAssignment:
     """Solves B assignment problems in one call, each exactly as scipy would.
 
@@ -177,6 +190,15 @@ def batch_linear_sum_assignment(
             and reports it in ``status``.
         backend: ``"auto"`` (the compiled kernel for the cost's device, else scipy with a
             warning), ``"cpu"``, ``"cuda"`` or ``"scipy"``. Results are identical.
+        method: how the CPU kernel solves a square item; the indices are scipy's for
+            every choice. ``"certified"``: Jonker-Volgenant's method, then a proof from
+            its duals that the optimum is unique by more than any rounding error of
+            either solver, so that scipy returns it too; an item whose proof fails is
+            solved again in scipy's order. ``"ordered"``: scipy's order only.
+            ``"auto"``: certified for square items of at least 80 rows whose first
+            and last rows do not repeat their least entry (costs with few distinct
+            values rarely have a unique optimum), else ordered. Rectangular items, CUDA
+            and the scipy backend always use scipy's order.
 
     Returns:
         BatchAssignment(col4row ``[B, N]`` int64, status ``[B]`` int32); ``.pairs()`` gives
@@ -189,7 +211,7 @@ def batch_linear_sum_assignment(
     # (it raises for errors="raise" itself). First a CPU tensor with int64 sizes or none,
     # whose sizes the op checks itself.
     if (type(cost) is torch.Tensor and cost.is_cpu and col_splits is None and backend == "auto"
-            and (sizes is None or (type(sizes) is torch.Tensor and sizes.dtype is torch.int64))
+            and method == "auto" and (sizes is None or (type(sizes) is torch.Tensor and sizes.dtype is torch.int64))
             and cost.dtype in _TORCH_DTYPES and cost.dim() == 3 and _ops.has_kernel("cpu")):
         return tuple.__new__(BatchAssignment, _ops.lsa_op(cost, sizes, bool(maximize), errors == "raise"))
     tensor, from_numpy = _as_tensor(cost, 3, "a batch of matrices (3-D array [B, N, M])")
@@ -200,25 +222,28 @@ def batch_linear_sum_assignment(
         sizes = _as_sizes(sizes, tensor.shape[0], device)
     elif col_splits is not None:
         col_splits = _as_splits(col_splits, tensor.shape[0], tensor.shape[2], device)
-    kind = device.type
+    kind, how = device.type, _method(method)
     if backend == "auto" and kind == "cpu" and _ops.has_kernel(kind):  # the op itself
-        col4row, status = _ops.lsa_op(tensor, sizes, bool(maximize), errors == "raise", col_splits)
+        col4row, status = _ops.lsa_op(tensor, sizes, bool(maximize), errors == "raise", col_splits,
+                                      how)
     else:
         which = _ops.resolve_backend(backend, device)
         col4row, status = _ops.lsa(tensor, sizes, bool(maximize), which, errors == "raise",
-                                   col_splits)
+                                   col_splits, how)
     if from_numpy:
         col4row, status = col4row.numpy(), status.numpy()
     return tuple.__new__(BatchAssignment, (col4row, status))  # without NamedTuple's __new__
 
 
-def linear_sum_assignment(cost: ArrayLike, maximize: bool = False, *, backend: str = "auto"):
+def linear_sum_assignment(cost: ArrayLike, maximize: bool = False, *, backend: str = "auto",
+                          method: str = "auto"):
     """Drop-in for ``scipy.optimize.linear_sum_assignment``: same signature, indices and errors.
 
     Args:
         cost: ``[N, M]`` matrix: numpy / array-like (numpy int64 results) or torch tensor
             (torch int64 results on its device); bool, integer or floating; any strides.
         maximize: maximise the total instead.
+        backend, method: as for :func:`batch_linear_sum_assignment`.
 
     Returns:
         ``(row_ind, col_ind)``: ``row_ind`` increasing, ``cost[row_ind, col_ind]`` the optimal
@@ -231,7 +256,8 @@ def linear_sum_assignment(cost: ArrayLike, maximize: bool = False, *, backend: s
     """
     tensor, from_numpy = _as_tensor(cost, 2, "a matrix (2-D array)")
     which = _ops.resolve_backend(backend, tensor.device)
-    col4row, status = _ops.lsa(tensor.unsqueeze(0), None, bool(maximize), which)
+    col4row, status = _ops.lsa(tensor.unsqueeze(0), None, bool(maximize), which,
+                               method=_method(method))
     _ops.raise_for_status(status, batched=False)
     if not col4row.is_cpu:
         return _ops.pairs(col4row)[0]
@@ -243,6 +269,6 @@ def linear_sum_assignment(cost: ArrayLike, maximize: bool = False, *, backend: s
 
 
 __all__ = [
-    "ArrayLike", "BatchAssignment", "Status", "batch_linear_sum_assignment", "compiled_backends",
+    "ArrayLike", "BatchAssignment", "METHODS", "Status", "batch_linear_sum_assignment", "compiled_backends",
     "index_pairs", "linear_sum_assignment",
 ]  # fmt: skip

@@ -20,7 +20,7 @@ LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.s
 ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:log_path=$(pwd)/sanitizer.log" \
 UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$(pwd)/sanitizer.log" \
 PYTHONPATH=. \
-  "$PY" -m pytest tests/test_hungarian.py tests/test_pairs_and_splits.py tests/test_cpu_cost_ops.py tests/test_fuzz.py \
+  "$PY" -m pytest tests/test_hungarian.py tests/test_certified.py tests/test_pairs_and_splits.py tests/test_cpu_cost_ops.py tests/test_fuzz.py \
   -k "not test_fuzz or fuzz_solver" -q -p no:cacheprovider -s || status=$?
 if ls sanitizer.log.* > /dev/null 2>&1; then
   cat sanitizer.log.*

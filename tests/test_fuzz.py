@@ -83,7 +83,8 @@ def scipy_item(item: np.ndarray, maximize: bool):
 @given(batches())
 def test_fuzz_solver_equals_scipy(case):
     cost, sizes, maximize = case
-    res = batch_linear_sum_assignment(cost, sizes, maximize=maximize, errors="status")
+    method = "certified" if cost.shape[1] == cost.shape[2] and cost.shape[0] % 2 else "auto"
+    res = batch_linear_sum_assignment(cost, sizes, maximize=maximize, errors="status", method=method)
     B, N, M = cost.shape
     assert res.col4row.shape == (B, N) and res.status.shape == (B,)
     for b, (rows, cols) in enumerate(res.pairs()):
@@ -95,6 +96,37 @@ def test_fuzz_solver_equals_scipy(case):
         else:
             assert int(res.status[b]) == 0
             assert rows.tolist() == want[0].tolist() and cols.tolist() == want[1].tolist()
+
+
+@st.composite
+def square_batches(draw):
+    """Square float costs for the certified path: ties, near ties, offsets, continuous."""
+    B, n = draw(st.integers(1, 4)), draw(st.integers(2, 40))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    kind = draw(st.sampled_from(["levels", "continuous", "near_tie", "offset"]))
+    if kind == "levels":
+        cost = torch.randint(0, draw(st.sampled_from([2, 3, 10, 1000])), (B, n, n), generator=g).double()
+    elif kind == "continuous":
+        cost = torch.rand(B, n, n, generator=g, dtype=torch.float64) * draw(st.sampled_from([1e-20, 1.0, 1e20]))
+    elif kind == "near_tie":  # one entry per row a few ulps off a tie with the rest
+        cost = torch.ones(B, n, n, dtype=torch.float64)
+        cols = torch.randint(0, n, (B, n, 1), generator=g)
+        ulps = torch.randint(-4, 5, (B, n, 1), generator=g).double() * np.spacing(1.0)
+        cost.scatter_add_(2, cols, ulps)
+    else:
+        cost = 1e9 + torch.randint(0, 4, (B, n, n), generator=g).double() * draw(st.sampled_from([1e-7, 1e-3, 1.0]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    return cost.to(dtype), draw(st.booleans())
+
+
+@FUZZ
+@given(square_batches())
+def test_fuzz_solver_certified_equals_scipy(case):
+    cost, maximize = case
+    res = batch_linear_sum_assignment(cost, maximize=maximize, method="certified")
+    for b, (rows, cols) in enumerate(res.pairs()):
+        want = scipy.optimize.linear_sum_assignment(cost[b].double().numpy(), maximize=maximize)
+        assert rows.tolist() == want[0].tolist() and cols.tolist() == want[1].tolist()
 
 
 @FUZZ

@@ -164,7 +164,7 @@ constexpr int64_t kParallelEntries = 16 * 1024;
 enum Method : int64_t { kAuto = 0, kCertified = 1, kOrdered = 2 };
 
 // Under kAuto, a square item with at least this many rows tries the certified path.
-constexpr int32_t kCertifiedRows = 16;
+constexpr int32_t kCertifiedRows = 80;
 
 // Whether an item of `n` rows and `m` columns, as oriented, tries the certified path.
 template <class Cost>
@@ -342,11 +342,44 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lsa_duals_cpu(const Tensor& cost,
   return {col4row, status, u, v};
 }
 
+bool lsa_certificate_cpu(const Tensor& cost, const Tensor& col4row, const Tensor& u, const Tensor& v) {
+  const int64_t n = cost.size(0);
+  TORCH_CHECK_VALUE(cost.dim() == 2 && cost.size(1) == n && cost.scalar_type() == at::kDouble,
+                    "lsa_certificate: expected a square float64 cost, got ", cost.sizes(), " ",
+                    cost.scalar_type());
+  TORCH_CHECK_VALUE(col4row.sizes() == at::IntArrayRef{n} && col4row.scalar_type() == at::kLong,
+                    "lsa_certificate: col4row must be int64 [", n, "]");
+  for (const Tensor* t : {&u, &v})
+    TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef{n} && t->scalar_type() == at::kDouble,
+                      "lsa_certificate: u and v must be float64 [", n, "]");
+  const Tensor c = cost.contiguous(), uu = u.contiguous(), vv = v.contiguous();
+  std::vector<int32_t> col(n), row(n, -1);
+  const auto acc = col4row.accessor<int64_t, 1>();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t j = acc[i];
+    TORCH_CHECK_VALUE(0 <= j && j < n && row[j] < 0, "lsa_certificate: col4row is not a permutation");
+    col[i] = int32_t(j), row[j] = int32_t(i);
+  }
+  lsa::Workspace w{};
+  w.u = const_cast<double*>(uu.const_data_ptr<double>());
+  w.v = const_cast<double*>(vv.const_data_ptr<double>());
+  w.col4row = col.data(), w.row4col = row.data();
+  const DenseCost<double> view{c.const_data_ptr<double>(), n};
+  double cmax = 0;
+  for (int64_t k = 0; k < n * n; ++k) {
+    TORCH_CHECK_VALUE(std::isfinite(view.data[k]), "lsa_certificate: the cost must be finite");
+    cmax = std::max(cmax, std::fabs(view.data[k]));
+  }
+  lsa::Certifier certifier;
+  return lsa::certify(view, int32_t(n), w, cmax, certifier);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(maskformer_fast, CPU, m) {
   m.impl("lsa", &lsa_cpu);
   m.impl("lsa_duals", &lsa_duals_cpu);
+  m.impl("lsa_certificate", &lsa_certificate_cpu);
 }
 
 }  // namespace maskformer_fast
