@@ -7,6 +7,7 @@ cases time DETR's solve step: its cost `C [B, Q, sum T]`, its loop over `C.split
 with the `torch.as_tensor` conversion of the results, against the one-line swap
 `batch_linear_sum_assignment(C, col_splits=sizes).pairs()`. The solvers of a case are timed
 interleaved (the `interleaved` fixture); `pytest benchmarks/ --benchmark-only` prints the table.
+Square cases also time the two methods ``auto`` chooses between, each forced.
 """
 
 import functools
@@ -79,6 +80,16 @@ SOLVERS = {
 }
 
 
+# A square item is solved on the certified path or in scipy's order ("auto" picks): both,
+# forced, beside it.
+METHODS = {
+    f"maskformer_fast {method}": functools.partial(
+        lambda cost, sizes, method: batch_linear_sum_assignment(cost, sizes, method=method).pairs(),
+        method=method)
+    for method in ("certified", "ordered")
+}
+
+
 def assert_same_pairs(got, want):
     assert len(got) == len(want)
     for (r, c), (rr, cc) in zip(got, want):
@@ -91,14 +102,19 @@ def test_lsa(benchmark, table, interleaved, case):
     cost, sizes = CASES[case](torch.Generator().manual_seed(0))
     large = cost.shape[1] >= 1000
     ours = functools.partial(SOLVERS["maskformer_fast"], cost, sizes)
+    square = sizes is None and cost.shape[1] == cost.shape[2]
+    variants = {name: functools.partial(fn, cost, sizes) for name, fn in METHODS.items() if square}
     if not benchmark.disabled or not large:  # what is timed is right: scipy's pairs, item by item
-        assert_same_pairs(ours(), scipy_loop(cost, sizes))
+        want = scipy_loop(cost, sizes)
+        for fn in [ours, *variants.values()]:
+            assert_same_pairs(fn(), want)
     if benchmark.disabled:
         benchmark(ours)
         return
     lapx_batch_ok = sizes is None and cost.shape[0] > 1  # equal shapes, and a batch
     fns = {name: functools.partial(fn, cost, sizes) for name, fn in SOLVERS.items()
            if lapx_batch_ok or not name.endswith("_batch")}
+    fns.update(variants)
     for name, seconds in interleaved(fns).items():
         table.add_value(TABLE, case, name, seconds, "ms")
     benchmark.group = case
