@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The C++ extension built with AddressSanitizer and UndefinedBehaviorSanitizer (CPU only,
-# in a copy of the tree under build/sanitize), running the solver's parity corpus and its
+# in a copy of the tree under build/sanitize), running the solver's parity corpus (both
+# methods, tests/test_certified.py among them) and its
 # bad-input tests, the index pairs and DETR splits, the solver's fuzz tests (CI's slice:
 # FUZZ_EXAMPLES, default 400) and the tests of the CPU cost kernels. Fails on any sanitizer
 # report. Run after scripts/setup.sh.
