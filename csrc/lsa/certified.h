@@ -21,6 +21,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include "solver.h"
 
 namespace lsa {
@@ -46,6 +50,34 @@ inline V8 load8(const T* p) {
 inline void store8(double* p, V8 x) { std::memcpy(p, &x, sizeof x); }
 inline V8 splat(double x) { return V8{} + x; }
 constexpr V8 kLane = {0, 1, 2, 3, 4, 5, 6, 7};
+
+// The least lane of x, and the first lane that holds it.
+inline double least(V8 x, int& lane) {
+  V8 y = x;
+  V8 t = __builtin_shufflevector(y, y, 4, 5, 6, 7, 0, 1, 2, 3);
+  y = t < y ? t : y;
+  t = __builtin_shufflevector(y, y, 2, 3, 0, 1, 6, 7, 4, 5);
+  y = t < y ? t : y;
+  t = __builtin_shufflevector(y, y, 1, 0, 3, 2, 5, 4, 7, 6);
+  y = t < y ? t : y;
+  lane = 0;
+  while (!(x[lane] == y[0])) ++lane;
+  return y[0];
+}
+
+// Bit l set where lane l of the mask is.
+inline uint32_t bits(M8 mask) {
+#if defined(__AVX__)
+  __m256d lo, hi;
+  std::memcpy(&lo, &mask, 32);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&mask) + 32, 32);
+  return uint32_t(_mm256_movemask_pd(lo)) | uint32_t(_mm256_movemask_pd(hi)) << 4;
+#else
+  uint32_t b = 0;
+  for (int l = 0; l < 8; ++l) b |= uint32_t(mask[l] != 0) << l;
+  return b;
+#endif
+}
 
 // The two least values of a row of reduced costs c[i][j] - v[j] and their columns
 // (m2 == m1 on a tie; j1 != j2).
@@ -73,8 +105,12 @@ Top2 top2(const T* row, const double* v, int32_t m) {
     m1 = lt1 ? x : m1;
     j1 = lt1 ? jv : j1;
   }
+  // The least of the lanes' least values, then the least of the others and its lane's second.
   Top2 t;
-  for (int l = 0; l < 8; ++l) t.insert(m1[l], int32_t(j1[l])), t.insert(m2[l], int32_t(j2[l]));
+  int a, b;
+  t.m1 = least(m1, a), t.j1 = int32_t(j1[a]);
+  m1[a] = m2[a];
+  t.m2 = least(m1, b), t.j2 = int32_t(b == a ? j2[a] : j1[b]);
   for (; j < m; ++j) t.insert(double(row[j]) - v[j], j);
   return t;
 }
@@ -158,14 +194,14 @@ double jv_initialise(const Cost& cost, int32_t n, Workspace w) {
   // Augmenting row reduction: each free row takes its best column, lowering that
   // column's dual until the row's second best ties it; a row it displaces is free again,
   // taken next if the dual dropped, else in the next pass. Ties make this an auction
-  // that can bid in ever smaller steps, so it stops after 2n bids: the rows still free
+  // that can bid in ever smaller steps, so it stops after n bids: the rows still free
   // are left to the shortest augmenting paths.
   int64_t bids = 0;
-  for (int pass = 0; pass < 2 && bids < 2 * int64_t(n); ++pass) {
+  for (int pass = 0; pass < 2 && bids < int64_t(n); ++pass) {
     const int32_t listed = num_free;
     int32_t k = 0;
     num_free = 0;
-    while (k < listed && bids++ < 2 * int64_t(n)) {
+    while (k < listed && bids++ < int64_t(n)) {
       const int32_t i = free_rows[k++];
       const jv::Top2 t = jv::top2(cost.row(i), v, n);
       int32_t j = t.j1, i0 = w.row4col[j];
@@ -228,12 +264,8 @@ bool certify(const Cost& cost, int32_t n, const Workspace& w, double cmax, Certi
     for (; j + 8 <= n; j += 8) {
       const jv::V8 r = (jv::load8(row + j) - ui) - jv::load8(w.v + j);
       rmin = r < rmin ? r : rmin;
-      const jv::M8 tight = r <= hi;
-      int64_t any = 0;
-      for (int l = 0; l < 8; ++l) any |= tight[l];
-      if (any) {
-        for (int l = 0; l < 8; ++l)
-          if (tight[l]) candidate(r[l], j + l);
+      if (uint32_t tight = jv::bits(r <= hi)) {
+        for (; tight; tight &= tight - 1) candidate(r[__builtin_ctz(tight)], j + __builtin_ctz(tight));
         if (c.from.size() > cap) return false;
       }
     }

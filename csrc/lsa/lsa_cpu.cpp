@@ -164,7 +164,7 @@ constexpr int64_t kParallelEntries = 16 * 1024;
 enum Method : int64_t { kAuto = 0, kCertified = 1, kOrdered = 2 };
 
 // Under kAuto, a square item with at least this many rows tries the certified path.
-constexpr int32_t kCertifiedRows = 80;
+constexpr int32_t kCertifiedRows = 48;
 
 // Whether an item of `n` rows and `m` columns, as oriented, tries the certified path.
 template <class Cost>
