@@ -7,19 +7,24 @@
 //
 // solves B uniform float32 N x M problems (N <= M; integers in [0, 10) if INTEGERS is 1;
 // read from FILE, B * N * M float32 in a row, if given as a sixth argument)
-// REPS times and prints the best time, with a hash of the assignments and the sum of the
-// duals: two builds that agree on both found the same matchings with the same duals. Build
-// the old version the same way from a checkout of it and run the two alternately.
+// REPS times and prints the best time, a hash of the assignments, the sum of the duals and
+// a hash of their bits: two builds that agree on these found the same matchings with the
+// same duals. Build the old version the same way from a checkout of it and run the two
+// alternately.
 // With LSA_PAIR=1 in the environment each item is solved by a lsa::PairTeam of two threads;
-// with LSA_PAIR=K > 1, by two that part at step K.
+// with LSA_PAIR=K > 1, by two that part at step K. With LSA_CERTIFIED=1 a square item
+// takes the certified path first (certified.h), scipy's order where its proof fails.
+#include <bit>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 #include <random>
 #include <thread>
 #include <vector>
 
+#include "certified.h"
 #include "pair_team.h"
 #include "sequential_team.h"
 
@@ -88,7 +93,10 @@ int main(int argc, char** argv) {
   lsa::SequentialTeam team;
   const char* pair = std::getenv("LSA_PAIR");
   const long pair_mode = pair ? std::atol(pair) : 0, part_at = pair_mode > 1 ? pair_mode : 0;
-  const auto solve = [&](const DenseCost& cost) {
+  const bool certified = std::getenv("LSA_CERTIFIED") && n == m && n >= 2;
+  lsa::Certifier certifier;
+  const auto solve = [&](const DenseCost& cost) -> int32_t {
+    if (certified && lsa::solve_certified(team, cost, n, w, certifier) == lsa::kOk) return lsa::kOk;
     if (pair_mode < 1) return lsa::solve(team, cost, n, m, w);
     lsa::PairTeam::Exchange exchange;
     lsa::PairTeam first(exchange, 0, m, uint32_t(part_at)), second(exchange, 1, m, uint32_t(part_at));
@@ -97,7 +105,12 @@ int main(int argc, char** argv) {
     other.join();
     return result;
   };
-  uint64_t hash = 0;
+  uint64_t hash = 0, dual_bits = 0;
+  const auto mix = [&](double x) {
+    uint64_t b;
+    std::memcpy(&b, &x, sizeof b);
+    dual_bits = std::rotl(dual_bits, 29) ^ b;  // a float's double has 29 low zero bits
+  };
   double duals = 0, best = 1e30;
   for (int r = 0; r < reps; ++r) {
     const auto start = std::chrono::steady_clock::now();
@@ -107,12 +120,12 @@ int main(int argc, char** argv) {
         return 1;
       }
       if (r > 0) continue;
-      for (int i = 0; i < n; ++i) hash = hash * 1000003 + uint64_t(w.col4row[i]), duals += w.u[i];
-      for (int j = 0; j < m; ++j) duals += w.v[j];
+      for (int i = 0; i < n; ++i) hash = hash * 1000003 + uint64_t(w.col4row[i]), duals += w.u[i], mix(w.u[i]);
+      for (int j = 0; j < m; ++j) duals += w.v[j], mix(w.v[j]);
     }
     const std::chrono::duration<double> t = std::chrono::steady_clock::now() - start;
     best = std::min(best, t.count());
   }
-  std::printf("%dx%d B=%d best %.3f ms hash %016llx duals %.17g\n", n, m, B, best * 1e3,
-              (unsigned long long)hash, duals);
+  std::printf("%dx%d B=%d best %.3f ms hash %016llx duals %.17g bits %016llx\n", n, m, B,
+              best * 1e3, (unsigned long long)hash, duals, (unsigned long long)dual_bits);
 }

@@ -11,14 +11,15 @@
 // use an edge whose reduced cost exceeds tau. Where the proof fails the caller solves the
 // problem again in scipy's order (solver.h), so the indices are scipy's either way.
 //
-// CPU only. The loops go through GCC's vector extensions, eight doubles at a time, which
-// the compiler maps onto whatever -march offers.
+// CPU only. The loops go through GCC's vector extensions, one register of doubles at a
+// time (as wide as -march offers).
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX__)
@@ -31,63 +32,82 @@ namespace lsa {
 
 namespace jv {
 
-typedef double V8 __attribute__((vector_size(64)));
-typedef int64_t M8 __attribute__((vector_size(64)));  // lane masks of a V8 comparison
-typedef float F8 __attribute__((vector_size(32)));
+// One native vector of doubles: eight lanes with AVX-512, four with AVX, two otherwise.
+// (Vectors wider than the registers lower to spills, several times slower.)
+#if defined(__AVX512F__)
+constexpr int kW = 8;
+#elif defined(__AVX__)
+constexpr int kW = 4;
+#else
+constexpr int kW = 2;
+#endif
+typedef double V __attribute__((vector_size(8 * kW)));
+typedef int64_t M __attribute__((vector_size(8 * kW)));  // lane masks of a V comparison
+typedef float F __attribute__((vector_size(4 * kW)));
 
 template <class T>
-inline V8 load8(const T* p) {
+inline V load(const T* p) {
   if constexpr (sizeof(T) == 4) {
-    F8 f;
+    F f;
     std::memcpy(&f, p, sizeof f);
-    return __builtin_convertvector(f, V8);
+    return __builtin_convertvector(f, V);
   } else {
-    V8 d;
+    V d;
     std::memcpy(&d, p, sizeof d);
     return d;
   }
 }
-inline void store8(double* p, V8 x) { std::memcpy(p, &x, sizeof x); }
-inline V8 splat(double x) { return V8{} + x; }
-constexpr V8 kLane = {0, 1, 2, 3, 4, 5, 6, 7};
-
-// The least lane of x, and the first lane that holds it.
-inline double least(V8 x, int& lane) {
-  V8 y = x;
-  V8 t = __builtin_shufflevector(y, y, 4, 5, 6, 7, 0, 1, 2, 3);
-  y = t < y ? t : y;
-  t = __builtin_shufflevector(y, y, 2, 3, 0, 1, 6, 7, 4, 5);
-  y = t < y ? t : y;
-  t = __builtin_shufflevector(y, y, 1, 0, 3, 2, 5, 4, 7, 6);
-  y = t < y ? t : y;
-  lane = 0;
-  while (!(x[lane] == y[0])) ++lane;
-  return y[0];
+inline void store(double* p, V x) { std::memcpy(p, &x, sizeof x); }
+inline V splat(double x) { return V{} + x; }
+inline V lanes() {
+  V x;
+  for (int l = 0; l < kW; ++l) x[l] = l;
+  return x;
 }
 
-// Bit l set where lane l of the mask is.
-inline uint32_t bits(M8 mask) {
-#if defined(__AVX__)
-  __m256d lo, hi;
-  std::memcpy(&lo, &mask, 32);
-  std::memcpy(&hi, reinterpret_cast<const char*>(&mask) + 32, 32);
-  return uint32_t(_mm256_movemask_pd(lo)) | uint32_t(_mm256_movemask_pd(hi)) << 4;
+// Bit l set where lane l of a is at most lane l of b. (Straight from the compare: a mask
+// vector stored and reloaded in halves would stall on store forwarding.)
+inline uint32_t le_bits(V a, V b) {
+#if defined(__AVX512F__)
+  return _mm512_cmp_pd_mask(__m512d(a), __m512d(b), _CMP_LE_OQ);
+#elif defined(__AVX__)
+  return _mm256_movemask_pd(_mm256_cmp_pd(__m256d(a), __m256d(b), _CMP_LE_OQ));
 #else
-  uint32_t b = 0;
-  for (int l = 0; l < 8; ++l) b |= uint32_t(mask[l] != 0) << l;
-  return b;
+  uint32_t bits = 0;
+  for (int l = 0; l < kW; ++l) bits |= uint32_t(a[l] <= b[l]) << l;
+  return bits;
 #endif
 }
 
-// The two least values of a row of reduced costs c[i][j] - v[j] and their columns
-// (m2 == m1 on a tie; j1 != j2).
+// Every lane of x set to the least of them.
+template <int S, size_t... L>
+inline V spread_min(V x, std::index_sequence<L...> lanes) {
+  const V t = __builtin_shufflevector(x, x, int(L ^ S)...);
+  x = t < x ? t : x;
+  if constexpr (S > 1) {
+    return spread_min<S / 2>(x, lanes);
+  } else {
+    return x;
+  }
+}
+inline V spread_min(V x) { return spread_min<kW / 2>(x, std::make_index_sequence<kW>()); }
+
+// The least lane of x, and the lowest column holding it among the lanes' columns j.
+inline double least(V x, V j, int32_t& column) {
+  const V m = spread_min(x);
+  column = int32_t(spread_min(x == m ? j : splat(kInf))[0]);
+  return m[0];
+}
+
+// The two least values of a row of reduced costs c[i][j] - v[j] and their columns, ties
+// to the lower column (so that no result depends on the vector width).
 struct Top2 {
   double m1 = kInf, m2 = kInf;
   int32_t j1 = -1, j2 = -1;
   void insert(double x, int32_t j) {
-    if (x < m1) {
+    if (x < m1 || (x == m1 && j < j1)) {
       m2 = m1, j2 = j1, m1 = x, j1 = j;
-    } else if (x < m2) {
+    } else if (x < m2 || (x == m2 && j < j2)) {
       m2 = x, j2 = j;
     }
   }
@@ -95,22 +115,22 @@ struct Top2 {
 
 template <class T>
 Top2 top2(const T* row, const double* v, int32_t m) {
-  V8 m1 = splat(kInf), m2 = m1, j1 = splat(-1), j2 = j1, jv = kLane;
+  V m1 = splat(kInf), m2 = m1, j1 = splat(-1), j2 = j1, jv = lanes();
   int32_t j = 0;
-  for (; j + 8 <= m; j += 8, jv += 8) {
-    const V8 x = load8(row + j) - load8(v + j);
-    const M8 lt1 = x < m1, lt2 = x < m2;
+  for (; j + kW <= m; j += kW, jv += kW) {
+    const V x = load(row + j) - load(v + j);
+    const M lt1 = x < m1, lt2 = x < m2;
     m2 = lt1 ? m1 : (lt2 ? x : m2);
     j2 = lt1 ? j1 : (lt2 ? jv : j2);
     m1 = lt1 ? x : m1;
     j1 = lt1 ? jv : j1;
   }
-  // The least of the lanes' least values, then the least of the others and its lane's second.
+  // Each lane holds the two least of its columns (column % kW == lane), ties to the
+  // earlier: the least of all, then the least once its lane gives up its first.
   Top2 t;
-  int a, b;
-  t.m1 = least(m1, a), t.j1 = int32_t(j1[a]);
-  m1[a] = m2[a];
-  t.m2 = least(m1, b), t.j2 = int32_t(b == a ? j2[a] : j1[b]);
+  t.m1 = least(m1, j1, t.j1);
+  const M first = j1 == splat(t.j1);
+  t.m2 = least(first ? m2 : m1, first ? j2 : j1, t.j2);
   for (; j < m; ++j) t.insert(double(row[j]) - v[j], j);
   return t;
 }
@@ -132,8 +152,8 @@ struct Certifier {
 // caller then takes scipy's order, which reports it).
 template <class Cost>
 double jv_initialise(const Cost& cost, int32_t n, Workspace w) {
-  using jv::V8;
-  using jv::M8;
+  using jv::V;
+  using jv::M;
   double* v = w.v;
   double* arg = w.scanned_costs;  // per column: the row of its least entry (as a double)
   int32_t* matches = w.rank;      // per row: the columns whose least entry it holds
@@ -142,20 +162,20 @@ double jv_initialise(const Cost& cost, int32_t n, Workspace w) {
   for (int32_t i = 0; i < n; ++i) w.col4row[i] = -1, matches[i] = 0, w.u[i] = 0;
 
   // Column reduction, row by row (the matrix is stored by rows); checks every entry.
-  V8 amax = jv::splat(0);
-  M8 bad = M8{};
+  V amax = jv::splat(0);
+  M bad = M{};
   double amax_tail = 0;
   bool bad_tail = false;
   for (int32_t i = 0; i < n; ++i) {
     const auto* row = cost.row(i);
-    const V8 iv = jv::splat(i);
+    const V iv = jv::splat(i);
     int32_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-      const V8 x = jv::load8(row + j), vj = jv::load8(v + j);
-      const M8 lt = x < vj;
-      jv::store8(v + j, lt ? x : vj);
-      jv::store8(arg + j, lt ? iv : jv::load8(arg + j));
-      const V8 ax = x < 0 ? -x : x;
+    for (; j + jv::kW <= n; j += jv::kW) {
+      const V x = jv::load(row + j), vj = jv::load(v + j);
+      const M lt = x < vj;
+      jv::store(v + j, lt ? x : vj);
+      jv::store(arg + j, lt ? iv : jv::load(arg + j));
+      const V ax = x < 0 ? -x : x;
       amax = ax > amax ? ax : amax;
       bad |= x != x;
     }
@@ -167,7 +187,7 @@ double jv_initialise(const Cost& cost, int32_t n, Workspace w) {
     }
   }
   double cmax = amax_tail;
-  for (int l = 0; l < 8; ++l) cmax = std::max(cmax, amax[l]), bad_tail |= bad[l] != 0;
+  for (int l = 0; l < jv::kW; ++l) cmax = std::max(cmax, amax[l]), bad_tail |= bad[l] != 0;
   if (bad_tail || !(cmax < kInf)) return kInf;
 
   // Each column to the row of its least entry, last columns first, unless that row is
@@ -249,9 +269,9 @@ bool certify(const Cost& cost, int32_t n, const Workspace& w, double cmax, Certi
   const size_t cap = 8 * size_t(n) + 64;  // more candidates: the proof fails fast
 
   c.from.clear(), c.to.clear(), c.slack.clear();
-  jv::V8 rmin = jv::splat(kInf);
+  jv::V rmin = jv::splat(kInf);
   double rmin_tail = kInf, off_zero = 0;
-  const jv::V8 hi = jv::splat(tau_max);
+  const jv::V hi = jv::splat(tau_max);
   for (int32_t i = 0; i < n; ++i) {
     const auto* row = cost.row(i);
     const double ui = w.u[i];
@@ -261,10 +281,10 @@ bool certify(const Cost& cost, int32_t n, const Workspace& w, double cmax, Certi
       c.from.push_back(i), c.to.push_back(w.row4col[j]), c.slack.push_back(r);
     };
     int32_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-      const jv::V8 r = (jv::load8(row + j) - ui) - jv::load8(w.v + j);
+    for (; j + jv::kW <= n; j += jv::kW) {
+      const jv::V r = (jv::load(row + j) - ui) - jv::load(w.v + j);
       rmin = r < rmin ? r : rmin;
-      if (uint32_t tight = jv::bits(r <= hi)) {
+      if (uint32_t tight = jv::le_bits(r, hi)) {
         for (; tight; tight &= tight - 1) candidate(r[__builtin_ctz(tight)], j + __builtin_ctz(tight));
         if (c.from.size() > cap) return false;
       }
@@ -277,7 +297,7 @@ bool certify(const Cost& cost, int32_t n, const Workspace& w, double cmax, Certi
     if (c.from.size() > cap) return false;
     off_zero = std::max(off_zero, std::fabs((double(row[mine]) - ui) - w.v[mine]));
   }
-  for (int l = 0; l < 8; ++l) rmin_tail = std::min(rmin_tail, rmin[l]);
+  for (int l = 0; l < jv::kW; ++l) rmin_tail = std::min(rmin_tail, rmin[l]);
   const double below = std::max(0.0, -rmin_tail);
   if (below > own || off_zero > own) return false;
   const double tau = scipy_gap + delta + dn * (below + off_zero + 2 * delta);
