@@ -195,7 +195,7 @@ def batch_linear_sum_assignment(
             its duals that the optimum is unique by more than any rounding error of
             either solver, so that scipy returns it too; an item whose proof fails is
             solved again in scipy's order. ``"ordered"``: scipy's order only.
-            ``"auto"``: certified for square items of at least 80 rows whose first
+            ``"auto"``: certified for square items of at least 48 rows whose first
             and last rows do not repeat their least entry (costs with few distinct
             values rarely have a unique optimum), else ordered. Rectangular items, CUDA
             and the scipy backend always use scipy's order.
