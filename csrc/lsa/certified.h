@@ -139,8 +139,11 @@ Top2 top2(const T* row, const double* v, int32_t m) {
 
 // Scratch of the certificate, kept by each thread between items.
 struct Certifier {
-  std::vector<int32_t> from, to;     // candidate tight edges, as rows of the row graph
-  std::vector<double> slack;         // their reduced costs
+  struct Edge {
+    int32_t from, to;  // a candidate tight edge, as rows of the row graph
+    double slack;      // its reduced cost
+  };
+  std::vector<Edge> edges;
   std::vector<int32_t> head, next, indegree, queue;
 };
 
@@ -268,7 +271,7 @@ bool certify(const Cost& cost, int32_t n, const Workspace& w, double cmax, Certi
   const double tau_max = scipy_gap + delta + dn * (2 * own + 2 * delta);
   const size_t cap = 8 * size_t(n) + 64;  // more candidates: the proof fails fast
 
-  c.from.clear(), c.to.clear(), c.slack.clear();
+  c.edges.clear();
   jv::V rmin = jv::splat(kInf);
   double rmin_tail = kInf, off_zero = 0;
   const jv::V hi = jv::splat(tau_max);
@@ -276,26 +279,26 @@ bool certify(const Cost& cost, int32_t n, const Workspace& w, double cmax, Certi
     const auto* row = cost.row(i);
     const double ui = w.u[i];
     const int32_t mine = w.col4row[i];
-    const auto candidate = [&](double r, int32_t j) {
-      if (j == mine) return;
-      c.from.push_back(i), c.to.push_back(w.row4col[j]), c.slack.push_back(r);
+    const auto reduced = [&](int32_t j) { return (double(row[j]) - ui) - w.v[j]; };
+    const auto candidate = [&](int32_t j) {
+      if (j != mine) c.edges.push_back({i, w.row4col[j], reduced(j)});
     };
     int32_t j = 0;
     for (; j + jv::kW <= n; j += jv::kW) {
       const jv::V r = (jv::load(row + j) - ui) - jv::load(w.v + j);
       rmin = r < rmin ? r : rmin;
       if (uint32_t tight = jv::le_bits(r, hi)) {
-        for (; tight; tight &= tight - 1) candidate(r[__builtin_ctz(tight)], j + __builtin_ctz(tight));
-        if (c.from.size() > cap) return false;
+        for (; tight; tight &= tight - 1) candidate(j + __builtin_ctz(tight));
+        if (c.edges.size() > cap) return false;
       }
     }
     for (; j < n; ++j) {
-      const double r = (double(row[j]) - ui) - w.v[j];
+      const double r = reduced(j);
       rmin_tail = std::min(rmin_tail, r);
-      if (r <= tau_max) candidate(r, j);
+      if (r <= tau_max) candidate(j);
     }
-    if (c.from.size() > cap) return false;
-    off_zero = std::max(off_zero, std::fabs((double(row[mine]) - ui) - w.v[mine]));
+    if (c.edges.size() > cap) return false;
+    off_zero = std::max(off_zero, std::fabs(reduced(mine)));
   }
   for (int l = 0; l < jv::kW; ++l) rmin_tail = std::min(rmin_tail, rmin[l]);
   const double below = std::max(0.0, -rmin_tail);
@@ -304,18 +307,18 @@ bool certify(const Cost& cost, int32_t n, const Workspace& w, double cmax, Certi
 
   // The tight edges as a graph on rows: i -> the row matched to column j. An alternating
   // cycle is a directed cycle; Kahn's algorithm removes every row iff there is none.
-  c.head.assign(n, -1), c.next.assign(c.from.size(), -1), c.indegree.assign(n, 0);
-  for (size_t e = 0; e < c.from.size(); ++e) {
-    if (c.slack[e] > tau) continue;
-    c.next[e] = c.head[c.from[e]], c.head[c.from[e]] = int32_t(e);
-    ++c.indegree[c.to[e]];
+  c.head.assign(n, -1), c.next.assign(c.edges.size(), -1), c.indegree.assign(n, 0);
+  for (size_t e = 0; e < c.edges.size(); ++e) {
+    if (c.edges[e].slack > tau) continue;
+    c.next[e] = c.head[c.edges[e].from], c.head[c.edges[e].from] = int32_t(e);
+    ++c.indegree[c.edges[e].to];
   }
   c.queue.clear();
   for (int32_t i = 0; i < n; ++i)
     if (c.indegree[i] == 0) c.queue.push_back(i);
   for (size_t q = 0; q < c.queue.size(); ++q)
     for (int32_t e = c.head[c.queue[q]]; e >= 0; e = c.next[e])
-      if (--c.indegree[c.to[e]] == 0) c.queue.push_back(c.to[e]);
+      if (--c.indegree[c.edges[e].to] == 0) c.queue.push_back(c.edges[e].to);
   return c.queue.size() == size_t(n);
 }
 
