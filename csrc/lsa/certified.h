@@ -271,7 +271,8 @@ bool certify(const Cost& cost, int32_t n, const Workspace& w, double cmax, Certi
   const double tau_max = scipy_gap + delta + dn * (2 * own + 2 * delta);
   const size_t cap = 8 * size_t(n) + 64;  // more candidates: the proof fails fast
 
-  c.edges.clear();
+  if (c.edges.size() < cap + jv::kW) c.edges.resize(cap + jv::kW);  // room to pass cap once
+  size_t edges = 0;
   jv::V rmin = jv::splat(kInf);
   double rmin_tail = kInf, off_zero = 0;
   const jv::V hi = jv::splat(tau_max);
@@ -281,7 +282,7 @@ bool certify(const Cost& cost, int32_t n, const Workspace& w, double cmax, Certi
     const int32_t mine = w.col4row[i];
     const auto reduced = [&](int32_t j) { return (double(row[j]) - ui) - w.v[j]; };
     const auto candidate = [&](int32_t j) {
-      if (j != mine) c.edges.push_back({i, w.row4col[j], reduced(j)});
+      if (j != mine) c.edges[edges++] = {i, w.row4col[j], reduced(j)};
     };
     int32_t j = 0;
     for (; j + jv::kW <= n; j += jv::kW) {
@@ -289,7 +290,7 @@ bool certify(const Cost& cost, int32_t n, const Workspace& w, double cmax, Certi
       rmin = r < rmin ? r : rmin;
       if (uint32_t tight = jv::le_bits(r, hi)) {
         for (; tight; tight &= tight - 1) candidate(j + __builtin_ctz(tight));
-        if (c.edges.size() > cap) return false;
+        if (edges > cap) return false;
       }
     }
     for (; j < n; ++j) {
@@ -297,7 +298,7 @@ bool certify(const Cost& cost, int32_t n, const Workspace& w, double cmax, Certi
       rmin_tail = std::min(rmin_tail, r);
       if (r <= tau_max) candidate(j);
     }
-    if (c.edges.size() > cap) return false;
+    if (edges > cap) return false;
     off_zero = std::max(off_zero, std::fabs(reduced(mine)));
   }
   for (int l = 0; l < jv::kW; ++l) rmin_tail = std::min(rmin_tail, rmin[l]);
@@ -307,8 +308,8 @@ bool certify(const Cost& cost, int32_t n, const Workspace& w, double cmax, Certi
 
   // The tight edges as a graph on rows: i -> the row matched to column j. An alternating
   // cycle is a directed cycle; Kahn's algorithm removes every row iff there is none.
-  c.head.assign(n, -1), c.next.assign(c.edges.size(), -1), c.indegree.assign(n, 0);
-  for (size_t e = 0; e < c.edges.size(); ++e) {
+  c.head.assign(n, -1), c.next.assign(edges, -1), c.indegree.assign(n, 0);
+  for (size_t e = 0; e < edges; ++e) {
     if (c.edges[e].slack > tau) continue;
     c.next[e] = c.head[c.edges[e].from], c.head[c.edges[e].from] = int32_t(e);
     ++c.indegree[c.edges[e].to];
