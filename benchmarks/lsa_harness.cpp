@@ -120,7 +120,8 @@ int main(int argc, char** argv) {
         return 1;
       }
       if (r > 0) continue;
-      for (int i = 0; i < n; ++i) hash = hash * 1000003 + uint64_t(w.col4row[i]), duals += w.u[i], mix(w.u[i]);
+      for (int i = 0; i < n; ++i)
+        hash = hash * 1000003 + uint64_t(w.col4row[i]), duals += w.u[i], mix(w.u[i]);
       for (int j = 0; j < m; ++j) duals += w.v[j], mix(w.v[j]);
     }
     const std::chrono::duration<double> t = std::chrono::steady_clock::now() - start;

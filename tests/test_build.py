@@ -95,8 +95,8 @@ def test_solver_harness_builds_and_runs(tmp_path):
     """benchmarks/lsa_harness.cpp (the solver alone, for comparing two versions) compiles
     against csrc/lsa with the extension's flags for every instruction-set level, and the
     levels this CPU can run find the same matchings with bit-identical duals (hashes of the
-    matchings and of the duals' bits) on shapes with tails, ties, and more than 64 columns, in scipy's
-    order and on the certified path."""
+    matchings and of the duals' bits) on shapes with tails, ties, and more than 64 columns,
+    in scipy's order and on the certified path."""
     flags = ["-O3", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math", "-std=c++20",
              "-pthread"]
     shapes = (["6", "9", "3", "2"], ["70", "70", "2", "1", "1"], ["1", "1", "1", "1"],
@@ -112,7 +112,8 @@ def test_solver_harness_builds_and_runs(tmp_path):
         for args in shapes:
             out = subprocess.run([str(exe), *args], capture_output=True, text=True, check=True,
                                  timeout=60).stdout
-            assert re.fullmatch(r"\d+x\d+ B=\d+ best [\d.]+ ms hash [0-9a-f]{16} duals \S+ bits [0-9a-f]{16}\n", out), out
+            assert re.fullmatch(r"\d+x\d+ B=\d+ best [\d.]+ ms hash [0-9a-f]{16} duals \S+ "
+                                r"bits [0-9a-f]{16}\n", out), out
             outs.append(out.split(" hash ")[1])
         # The certified path (square items): scipy's matchings; its own duals, which
         # agree across the levels too (ties broken by column, not by vector lane).

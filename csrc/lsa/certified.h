@@ -104,10 +104,10 @@ inline double least(V x, V j, int32_t& column) {
 struct Top2 {
   double m1 = kInf, m2 = kInf;
   int32_t j1 = -1, j2 = -1;
-  void insert(double x, int32_t j) {
-    if (x < m1 || (x == m1 && j < j1)) {
+  void insert(double x, int32_t j) {  // j above every column seen so far
+    if (x < m1) {
       m2 = m1, j2 = j1, m1 = x, j1 = j;
-    } else if (x < m2 || (x == m2 && j < j2)) {
+    } else if (x < m2) {
       m2 = x, j2 = j;
     }
   }
